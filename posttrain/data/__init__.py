@@ -1,0 +1,1 @@
+"""Datasets: reading user data with clear errors, and the embedded synthetic tasks."""

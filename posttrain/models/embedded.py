@@ -1,0 +1,109 @@
+"""The embedded default models: tiny random Thinkers, and tiny specialist teachers trained
+once on a checkable task and cached (so the teachers really are specialists)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain.data.tasks import TASKS
+from posttrain.data.text import collate, encode_prompt, encode_response
+from posttrain.losses import masked_mean, token_nll
+from posttrain.models.hub import cache_root
+from posttrain.models.qwen_omni import TinyThinkerSpec, build_tiny_thinker, load_tokenizer, save_model
+from posttrain.rollout import GenerationRequest, HFEngine, SamplingParams
+from posttrain.training import logits_of, make_optimizer, make_scheduler
+
+SPECIALIST_VERSION = 1
+
+
+def evaluate_task(engine, tokenizer, domain: str, rows: list[dict], max_new_tokens: int = 12) -> float:
+    """Greedy accuracy of an engine's model on rows of a built-in task."""
+    task = TASKS[domain]
+    requests = [
+        GenerationRequest(encode_prompt(tokenizer, r["prompt"]), SamplingParams(max_new_tokens, temperature=0.0), i)
+        for i, r in enumerate(rows)
+    ]
+    completions = engine.generate(requests)
+    return sum(task.check(c.text, r["answer"]) for c, r in zip(completions, rows)) / max(1, len(rows))
+
+
+def train_specialist(
+    domain: str,
+    tokenizer,
+    spec: TinyThinkerSpec,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+):
+    """A tiny Thinker trained by supervised fine-tuning on fresh samples of ``domain``."""
+    task = TASKS[domain]
+    model = build_tiny_thinker(tokenizer, spec, seed=seed)
+    model.train()
+    optimizer = make_optimizer(model, lr)
+    scheduler = make_scheduler(optimizer, warmup_steps=min(50, steps // 10), total_steps=steps)
+    rng = random.Random(f"specialist-{domain}-{seed}")
+    bar = tqdm(range(steps), desc=f"training the {domain} teacher (cached after this)", leave=False, mininterval=1.0)
+    for _ in bar:
+        pairs = [task.make(rng) for _ in range(batch_size)]
+        batch = collate(
+            [encode_prompt(tokenizer, p) for p, _ in pairs],
+            [encode_response(tokenizer, a) for _, a in pairs],
+            tokenizer.pad_token_id,
+        )
+        loss = masked_mean(token_nll(logits_of(model, batch), batch["targets"]), batch["response_mask"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    return model
+
+
+def embedded_specialist(
+    domain: str,
+    tokenizer_name: str = "embedded",
+    spec: TinyThinkerSpec | None = None,
+    steps: int = 1500,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> str:
+    """Folder of a tiny teacher specialised in built-in task ``domain``, trained on first use
+    and cached under the posttrain cache (keyed by everything that shapes it)."""
+    spec = spec or TinyThinkerSpec()
+    key = json.dumps(
+        {"v": SPECIALIST_VERSION, "domain": domain, "tok": tokenizer_name, "spec": asdict(spec), "steps": steps,
+         "bs": batch_size, "lr": lr, "seed": seed},
+        sort_keys=True,
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    path = os.path.join(cache_root(), "teachers", f"{domain}-{digest}")
+    if os.path.exists(os.path.join(path, "specialist.json")):
+        return path
+    tokenizer = load_tokenizer(tokenizer_name)
+    torch.manual_seed(seed)
+    model = train_specialist(domain, tokenizer, spec, steps, batch_size, lr, seed)
+    from posttrain.data.tasks import make_rows
+
+    accuracy = evaluate_task(HFEngine(model, tokenizer), tokenizer, domain, make_rows(domain, 200, seed=10_000 + seed))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_model(model, tokenizer, tmp)
+    with open(os.path.join(tmp, "specialist.json"), "w") as fh:
+        json.dump({"domain": domain, "accuracy": accuracy, "config": json.loads(key)}, fh, indent=2)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # built concurrently by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"built the embedded {domain} teacher: accuracy {accuracy:.2f} on 200 fresh prompts -> {path}", flush=True)
+    return path

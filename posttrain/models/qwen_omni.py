@@ -1,0 +1,390 @@
+"""The one place that knows Qwen-Omni (transformers ``qwen3_omni_moe``).
+
+Recipes never touch what lives here: config quirks of the tiny models, how the Thinker,
+Talker, code predictor and Code2Wav sit inside the full model, how to load any of them by
+hub name or path, and which parameters a stage trains.
+
+Facts the code respects:
+- The Thinker is an MoE text decoder with an audio encoder (and a vision encoder) in front;
+  its rotary positions are 3-D (M-RoPE), so ``mrope_section`` must sum to head_dim / 2.
+- The audio encoder's ``output_dim`` must equal the Thinker's hidden size.
+- Codec tokens are ``[batch, groups, time]``: the Talker predicts group 0, the code
+  predictor (MTP module) groups 1..G-1, Code2Wav turns all groups into a waveform.
+- Some fields are read by the modeling code but not declared by the config classes
+  (``thinker_config.vision_start_token_id``, ``talker_config.spatial_merge_size``,
+  ``talker_config.text_config.shared_expert_intermediate_size``); the tiny builders set them.
+- vLLM's CPU attention needs head_dim >= 32, so tiny models use 32.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.config import option
+from posttrain.errors import ModelError
+from posttrain.models import hub
+from posttrain.models.tokenizer import embedded_tokenizer, special_token_ids
+
+OMNI = "qwen3_omni_moe"
+THINKER = "qwen3_omni_moe_thinker"
+
+
+@dataclass
+class TinyThinkerSpec:
+    """Size of a tiny random Thinker (text decoder + audio encoder + minimal vision encoder)."""
+
+    hidden_size: int = option(128, "hidden size of the tiny Thinker's decoder", min=32)
+    num_layers: int = option(2, "decoder layers", min=1)
+    num_heads: int = option(4, "attention heads (head_dim is fixed at 32)", min=1)
+    num_kv_heads: int = option(2, "key/value heads", min=1)
+    num_experts: int = option(4, "MoE experts per layer", min=1)
+    experts_per_token: int = option(2, "experts routed per token", min=1)
+    audio_layers: int = option(2, "audio encoder layers", min=1)
+    audio_hidden: int = option(64, "audio encoder width", min=32)
+    num_mel_bins: int = option(80, "log-mel bins the audio encoder reads", min=8)
+
+
+@dataclass
+class TinyTalkerSpec:
+    """Size of a tiny random Talker + code predictor + Code2Wav."""
+
+    hidden_size: int = option(128, "hidden size of the tiny Talker", min=32)
+    num_layers: int = option(2, "Talker decoder layers", min=1)
+    num_heads: int = option(4, "attention heads (head_dim is fixed at 32)", min=1)
+    num_kv_heads: int = option(2, "key/value heads", min=1)
+    num_experts: int = option(4, "MoE experts per layer", min=1)
+    experts_per_token: int = option(2, "experts routed per token", min=1)
+    num_code_groups: int = option(4, "codec codebooks (group 0 from the Talker, the rest from the code predictor)", min=2)
+    codebook_size: int = option(256, "entries per codebook", min=2)
+    predictor_layers: int = option(1, "code predictor layers", min=1)
+    code2wav_hidden: int = option(64, "Code2Wav width", min=32)
+    code2wav_layers: int = option(1, "Code2Wav transformer layers", min=1)
+
+
+HEAD_DIM = 32
+MROPE_SECTION = [4, 6, 6]  # sums to HEAD_DIM / 2
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _rope() -> dict:
+    return {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": list(MROPE_SECTION),
+        "interleaved": True,
+        "mrope_interleaved": True,
+    }
+
+
+def thinker_config(tokenizer, spec: TinyThinkerSpec):
+    """A Qwen3OmniMoeThinkerConfig of the given size whose token ids match ``tokenizer``."""
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+
+    ids = special_token_ids(tokenizer)
+    vocab = _round_up(len(tokenizer))
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=2 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=HEAD_DIM,
+        moe_intermediate_size=spec.hidden_size,
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.experts_per_token,
+        max_position_embeddings=32768,
+        rope_parameters=_rope(),
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+    )
+    audio = dict(
+        num_mel_bins=spec.num_mel_bins,
+        encoder_layers=spec.audio_layers,
+        encoder_attention_heads=max(1, spec.audio_hidden // HEAD_DIM),
+        encoder_ffn_dim=2 * spec.audio_hidden,
+        d_model=spec.audio_hidden,
+        output_dim=spec.hidden_size,  # must equal the Thinker's hidden size
+        downsample_hidden_size=32,
+        n_window=50,
+        n_window_infer=400,
+        max_source_positions=1500,
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=1,
+        out_hidden_size=spec.hidden_size,
+        deepstack_visual_indexes=[0],  # must be below the vision depth
+        patch_size=14,
+    )
+    cfg = Qwen3OmniMoeThinkerConfig(
+        text_config=text,
+        audio_config=audio,
+        vision_config=vision,
+        audio_token_id=ids["<|audio_pad|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        audio_start_token_id=ids["<|audio_start|>"],
+        user_token_id=ids["user"],
+    )
+    cfg.vision_start_token_id = ids["<|vision_start|>"]  # read by get_rope_index, not declared
+    return cfg
+
+
+def omni_config(tokenizer, thinker: TinyThinkerSpec, talker: TinyTalkerSpec):
+    """A full Qwen3OmniMoeConfig (Thinker + Talker + code predictor + Code2Wav), tiny."""
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeConfig
+
+    ids = special_token_ids(tokenizer)
+    tcfg = thinker_config(tokenizer, thinker)
+    k = talker.codebook_size
+    codec_special = {  # codec control tokens sit just above the codebook
+        "codec_pad_id": k,
+        "codec_bos_id": k + 1,
+        "codec_eos_token_id": k + 2,
+        "codec_nothink_id": k + 3,
+        "codec_think_bos_id": k + 4,
+        "codec_think_eos_id": k + 5,
+    }
+    talker_text = dict(
+        vocab_size=_round_up(k + 16, 16),
+        hidden_size=talker.hidden_size,
+        intermediate_size=2 * talker.hidden_size,
+        num_hidden_layers=talker.num_layers,
+        num_attention_heads=talker.num_heads,
+        num_key_value_heads=talker.num_kv_heads,
+        head_dim=HEAD_DIM,
+        moe_intermediate_size=talker.hidden_size,
+        num_experts=talker.num_experts,
+        num_experts_per_tok=talker.experts_per_token,
+        rope_parameters=_rope(),
+    )
+    predictor = dict(
+        vocab_size=k,
+        hidden_size=talker.hidden_size,
+        intermediate_size=2 * talker.hidden_size,
+        num_hidden_layers=talker.predictor_layers,
+        num_attention_heads=talker.num_heads,
+        num_key_value_heads=talker.num_kv_heads,
+        head_dim=HEAD_DIM,
+        num_code_groups=talker.num_code_groups,
+        max_window_layers=talker.predictor_layers,
+    )
+    talker_cfg = dict(
+        text_config=talker_text,
+        code_predictor_config=predictor,
+        num_code_groups=talker.num_code_groups,
+        thinker_hidden_size=thinker.hidden_size,
+        accept_hidden_layer=thinker.num_layers - 1,
+        audio_token_id=ids["<|audio_pad|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        audio_start_token_id=ids["<|audio_start|>"],
+        speaker_id={"embedded": 0},
+        **codec_special,
+    )
+    code2wav = dict(
+        codebook_size=k,
+        hidden_size=talker.code2wav_hidden,
+        num_attention_heads=max(1, talker.code2wav_hidden // HEAD_DIM),
+        num_key_value_heads=max(1, talker.code2wav_hidden // HEAD_DIM),
+        intermediate_size=2 * talker.code2wav_hidden,
+        num_hidden_layers=talker.code2wav_layers,
+        num_quantizers=talker.num_code_groups,
+        upsample_rates=[8, 5, 4, 2],
+        upsampling_ratios=[2, 2],
+        decoder_dim=64,
+        sliding_window=16,
+    )
+    cfg = Qwen3OmniMoeConfig(
+        thinker_config=tcfg.to_dict(),
+        talker_config=talker_cfg,
+        code2wav_config=code2wav,
+        im_start_token_id=ids["<|im_start|>"],
+        im_end_token_id=ids["<|im_end|>"],
+        tts_pad_token_id=ids["<|tts_pad|>"],
+        tts_bos_token_id=ids["<|tts_bos|>"],
+        tts_eos_token_id=ids["<|tts_eos|>"],
+        system_token_id=ids["system"],
+        user_token_id=ids["user"],
+        assistant_token_id=ids["assistant"],
+    )
+    # Read by the modeling code, not declared by the config classes.
+    cfg.thinker_config.vision_start_token_id = ids["<|vision_start|>"]
+    cfg.talker_config.spatial_merge_size = cfg.thinker_config.vision_config.spatial_merge_size
+    cfg.talker_config.text_config.shared_expert_intermediate_size = talker.hidden_size
+    return cfg
+
+
+def build_tiny_thinker(tokenizer, spec: TinyThinkerSpec | None = None, seed: int = 0):
+    """A random-initialised tiny Thinker of the real architecture (seconds to build)."""
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_config(tokenizer, spec or TinyThinkerSpec()))
+    return model.float()
+
+
+def build_tiny_omni(tokenizer, thinker: TinyThinkerSpec | None = None, talker: TinyTalkerSpec | None = None, seed: int = 0):
+    """A random-initialised tiny Thinker + Talker + code predictor + Code2Wav."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = omni_config(tokenizer, thinker or TinyThinkerSpec(), talker or TinyTalkerSpec())
+    return Qwen3OmniMoeForConditionalGeneration(cfg).float()
+
+
+# ---------------------------------------------------------------------------------------
+# Parts of the full model
+
+
+def thinker_of(model):
+    """The Thinker inside a full Omni model (or the model itself if it is one)."""
+    return getattr(model, "thinker", model)
+
+
+def talker_of(model):
+    """The Talker (codebook-0 decoder, with its code predictor) inside a full Omni model."""
+    if not hasattr(model, "talker"):
+        raise ModelError("this model has no Talker; load a full Qwen3-Omni model (thinker + talker)")
+    return model.talker
+
+
+def code_predictor_of(model):
+    """The code predictor (multi-token prediction of residual codebooks 1..G-1)."""
+    return talker_of(model).code_predictor
+
+
+def code2wav_of(model):
+    """Code2Wav, the codec decoder from all code groups to a waveform."""
+    if not hasattr(model, "code2wav"):
+        raise ModelError("this model has no Code2Wav; load a full Qwen3-Omni model")
+    return model.code2wav
+
+
+TRAINABLE_PARTS = ("thinker_text", "thinker", "audio_encoder", "talker", "code_predictor", "all")
+
+
+def set_trainable(model, part: str) -> int:
+    """Freeze everything except ``part``; returns the number of trainable parameters.
+
+    thinker_text: the Thinker's decoder (not its audio/vision encoders); thinker: all of the
+    Thinker; audio_encoder: the audio tower; talker / code_predictor: the Talker stages.
+    A plain causal LM (a text teacher or student) trains whole for every Thinker part.
+    """
+    if part not in TRAINABLE_PARTS:
+        raise ModelError(f"unknown trainable part {part!r}; choose one of {', '.join(TRAINABLE_PARTS)}")
+    thinker = thinker_of(model)
+    is_omni_thinker = hasattr(thinker, "audio_tower")
+    for p in model.parameters():
+        p.requires_grad_(part == "all")
+    if part == "all":
+        pass
+    elif part in ("thinker_text", "thinker"):
+        if not is_omni_thinker:
+            for p in thinker.parameters():
+                p.requires_grad_(True)
+        else:
+            modules = [thinker.model, thinker.lm_head]
+            if part == "thinker":
+                modules += [thinker.audio_tower, thinker.visual]
+            for m in modules:
+                for p in m.parameters():
+                    p.requires_grad_(True)
+    elif part == "audio_encoder":
+        if not is_omni_thinker:
+            raise ModelError("trainable part 'audio_encoder' needs a Qwen-Omni Thinker")
+        for p in thinker.audio_tower.parameters():
+            p.requires_grad_(True)
+    elif part == "talker":
+        for name, p in talker_of(model).named_parameters():
+            p.requires_grad_(not name.startswith("code_predictor."))
+    elif part == "code_predictor":
+        for p in code_predictor_of(model).parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def load_tokenizer(path: str):
+    """A tokenizer by short name, folder or hub name (offline, no remote code)."""
+    if path == "embedded":
+        return embedded_tokenizer(hub.cache_root())
+    from transformers import AutoTokenizer
+
+    folder = hub.resolve(path, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise ModelError(f"cannot load a tokenizer from {path!r}: {type(e).__name__}: {e}") from None
+
+
+def load_language_model(path: str, what: str = "model", trust_remote_code: bool = False):
+    """(model, tokenizer) for a text-generating model by folder, hub name or short name.
+
+    A full Qwen3-Omni checkpoint gives its Thinker (Talker dropped); a Thinker checkpoint
+    loads as such; anything else loads with AutoModelForCausalLM. Weights load from
+    safetensors; remote code runs only if the user asked for it.
+    """
+    folder = hub.resolve(path, what)
+    config = hub.read_config(folder)
+    model_type = config.get("model_type", "")
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelError(
+            f"{what} {path!r} asks to run its own code (auto_map in config.json); posttrain never runs "
+            "remote code unless you set trust_remote_code=true for it"
+        )
+    from transformers import (
+        AutoModelForCausalLM,
+        Qwen3OmniMoeForConditionalGeneration,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
+
+    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    try:
+        if model_type == OMNI:
+            model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(folder, **kwargs)
+            if hasattr(model, "disable_talker"):
+                model.disable_talker()
+            model = model.thinker
+        elif model_type == THINKER:
+            model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(folder, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"cannot load {what} from {path!r} ({model_type or 'no model_type'}): {type(e).__name__}: {e}") from None
+    tokenizer = load_tokenizer(folder)
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, path: str) -> str:
+    """Save in Hugging Face format (safetensors), atomically: a temp folder, then a rename."""
+    tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    old = None
+    if os.path.exists(path):
+        old = f"{path.rstrip('/')}.old-{os.getpid()}"
+        os.rename(path, old)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    return path

@@ -46,9 +46,10 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return [rng.randrange(n) for _ in range(batch_size)]
 
 
-def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Float logits of a causal LM (a Thinker or any text model) for a collated batch."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+def logits_of(model, batch: dict[str, torch.Tensor], extra: dict | None = None) -> torch.Tensor:
+    """Float logits of a causal LM (a Thinker or any text model) for a collated batch;
+    ``extra`` carries further model inputs (the Thinker's audio features)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **(extra or {}))
     logits = out.logits
     return logits.float()
 
@@ -58,12 +59,12 @@ def cpu_threads() -> int:
     return torch.get_num_threads()
 
 
-def response_view(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, vocab: int | None = None):
+def response_view(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, vocab: int | None = None, extra: dict | None = None):
     """Logits that predict each response token, ``[batch, max_response_len, vocab]``, with the
     response mask and targets. Prompts may differ between models (a teacher reading text, a
     student hearing audio, different chat templates): the views align on the response."""
     batch = collate(prompts, responses, pad_id)
-    logits = logits_of(model, batch)
+    logits = logits_of(model, batch, extra)
     length = max(len(r) for r in responses)
     out = response_logits(logits, batch["response_start"], length)
     if vocab is not None:

@@ -13,6 +13,7 @@ teacher (teachers may differ in size and chat template) is why this loop is our 
 Target metrics per domain on held-out prompts: ``kl/<domain>`` = KL(student || teacher) per
 response token on the teacher's greedy answers (lower is better) and ``accuracy/<domain>``
 = the student's greedy task accuracy where the domain is checkable (higher is better).
+Reward plugins named in ``rewards`` score the same held-out answers (``reward/<name>``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.logging import Run, RunResult, quiet_libraries
 from posttrain.losses import DIVERGENCES, divergence_per_token, masked_mean, reverse_kl_per_token, token_nll
 from posttrain.models import hub
+from posttrain.registry import RewardSet
 from posttrain.models.embedded import embedded_specialist
 from posttrain.models.qwen_omni import (
     TRAINABLE_PARTS,
@@ -63,9 +65,9 @@ class StudentConfig:
 
 @dataclass
 class TeacherBuildConfig:
-    steps: int = option(1500, "SFT steps that make an embedded teacher a specialist (built once, cached)", min=1)
+    steps: int = option(0, "SFT steps that make an embedded teacher a specialist (built once, cached); 0 = the task's default (arithmetic 900, strings 400)", min=0)
     batch_size: int = option(64, "SFT batch size for embedded teachers", min=1)
-    lr: float = option(2e-3, "SFT learning rate for embedded teachers", min=0.0)
+    lr: float = option(3e-3, "SFT learning rate for embedded teachers", min=0.0)
     size: TinyThinkerSpec = option(default_factory=TinyThinkerSpec, help="size of embedded teachers")
 
 
@@ -216,13 +218,18 @@ def teacher_answers(teachers, rows: list[dict], cfg: Config, temperature: float,
 
 
 @torch.no_grad()
-def evaluate(student, tokenizer, engine, teachers, held_out: list[dict], cfg: Config) -> dict[str, float]:
-    """Per domain: KL(student || teacher) on the teacher's held-out answers, and accuracy."""
+def evaluate(student, tokenizer, engine, teachers, held_out: list[dict], cfg: Config, rewards: RewardSet | None) -> dict[str, float]:
+    """Per domain: KL(student || teacher) on the teacher's held-out answers and accuracy of
+    the student's greedy answers; the configured reward plugins on those answers."""
     metrics = {}
     vocab = len(tokenizer)
     student.eval()
+    sampling = SamplingParams(cfg.generation.max_new_tokens, temperature=0.0)
+    requests = [GenerationRequest(encode_prompt(tokenizer, r["prompt"]), sampling, i) for i, r in enumerate(held_out)]
+    answers = [c.text for c in engine.generate(requests)]
     for domain in sorted({r["domain"] for r in held_out}):
-        rows = [r for r in held_out if r["domain"] == domain]
+        idx = [i for i, r in enumerate(held_out) if r["domain"] == domain]
+        rows = [held_out[i] for i in idx]
         teacher, t_tok, _ = teachers[domain]
         if tokenizer_fingerprint(t_tok) == tokenizer_fingerprint(tokenizer):  # KL needs one vocabulary
             total, count = 0.0, 0.0
@@ -235,13 +242,15 @@ def evaluate(student, tokenizer, engine, teachers, held_out: list[dict], cfg: Co
                 total += float((kl * mask).sum())
                 count += float(mask.sum())
             metrics[f"kl/{domain}"] = total / max(count, 1.0)
-        checkable = domain in TASKS or all(r.get("answer") for r in rows)
-        if checkable:
-            sampling = SamplingParams(cfg.generation.max_new_tokens, temperature=0.0)
-            requests = [GenerationRequest(encode_prompt(tokenizer, r["prompt"]), sampling, i) for i, r in enumerate(rows)]
+        if domain in TASKS or all(r.get("answer") for r in rows):
             check = checker_for(domain)
-            completions = engine.generate(requests)
-            metrics[f"accuracy/{domain}"] = sum(check(c.text, str(r["answer"])) for c, r in zip(completions, rows)) / len(rows)
+            metrics[f"accuracy/{domain}"] = sum(check(answers[i], str(held_out[i]["answer"])) for i in idx) / len(idx)
+    if rewards is not None and len(rewards):
+        columns = {k: [r.get(k) for r in held_out] for k in sorted({k for r in held_out for k in r}) if k not in ("prompt", "teacher_answer") and not k.startswith("_")}
+        combined, per_reward = rewards.score([r["prompt"] for r in held_out], answers, **columns)
+        for name, values in [("combined", combined)] + list(per_reward.items()):
+            scored = [v for v in values if v is not None]
+            metrics[f"reward/{name}"] = sum(scored) / len(scored) if scored else None
     student.train()
     return metrics
 
@@ -256,6 +265,7 @@ def run(cfg: Config) -> RunResult:
     for name, path in [("student.path", cfg.student.path)] + [(f"teachers.{d}", p) for d, p in cfg.teachers.items()]:
         if path != "embedded":
             hub.resolve(path, f"{name} ({path})")
+    rewards = RewardSet(cfg.rewards) if cfg.rewards else None  # extra metrics on held-out answers
     run_dir = Run(RECIPE, cfg)
     torch.manual_seed(cfg.seed)
     print(f"{RECIPE}: run directory {run_dir.path}", flush=True)
@@ -309,7 +319,7 @@ def run(cfg: Config) -> RunResult:
         print(f"resumed from {checkpoint} (step {start_step})", flush=True)
     before = run_dir.load_json("before.json")
     if before is None:
-        before = evaluate(student, tokenizer, engine, teachers, held_out, cfg)
+        before = evaluate(student, tokenizer, engine, teachers, held_out, cfg, rewards)
         run_dir.save_json("before.json", before)
         run_dir.log(0, before)
     print("before: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()), flush=True)
@@ -362,7 +372,7 @@ def run(cfg: Config) -> RunResult:
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             run_dir.log(done, {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **metrics})
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            ev = evaluate(student, tokenizer, engine, teachers, held_out, cfg)
+            ev = evaluate(student, tokenizer, engine, teachers, held_out, cfg, rewards)
             run_dir.log(done, ev)
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
@@ -370,7 +380,7 @@ def run(cfg: Config) -> RunResult:
     bar.close()
 
     # 5. After: evaluate, save the model in Hugging Face format, summarise.
-    after = evaluate(student, tokenizer, engine, teachers, held_out, cfg)
+    after = evaluate(student, tokenizer, engine, teachers, held_out, cfg, rewards)
     run_dir.log(cfg.max_steps, after)
     save_checkpoint(run_dir.checkpoints, cfg.max_steps, {"student": student}, optimizer, scheduler, keep=cfg.keep_checkpoints)
     save_model(student, tokenizer, run_dir.file("model"))

@@ -70,10 +70,20 @@ def test_token_kd_moves_parameters_and_lowers_kl(tmp_path):
     assert os.path.exists(os.path.join(result.run_dir, "plots", "kl.png"))
 
 
-def test_sequence_mode_and_on_policy_mixed_run(tmp_path):
-    module, cfg = _config(tmp_path, "max_steps=12", "save_every=0", "mode=sequence")
+def test_sequence_mode_with_user_reward_plugins(tmp_path):
+    plugin = tmp_path / "user_rewards.py"
+    plugin.write_text(
+        "def short_answer(completions, **kwargs):\n"  # TRL's reward-function shape
+        "    return [1.0 if len(c) <= 4 else 0.0 for c in completions]\n"
+    )
+    rewards = f"rewards=[{{name: '{plugin}:short_answer', weight: 1.0}}, {{name: number_rendering, weight: 1.0}}]"
+    module, cfg = _config(tmp_path, "max_steps=12", "save_every=0", "mode=sequence", rewards)
     seq = module.run(cfg).summary["metrics"]
     assert seq["kl/arithmetic"]["after"] < seq["kl/arithmetic"]["before"]
+    assert 0.0 <= seq["reward/short_answer"]["after"] <= 1.0
+    assert "reward/combined" in seq
+
+def test_on_policy_mixed_run(tmp_path):
     module, cfg = _config(tmp_path, "max_steps=12", "save_every=0", "kd.sequences=mixed", "kd.student_fraction=0.5", "kd.divergence=reverse_kl")
     mixed = module.run(cfg).summary["metrics"]
     assert mixed["kl/strings"]["after"] < mixed["kl/strings"]["before"]

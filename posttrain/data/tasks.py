@@ -42,11 +42,12 @@ class Task:
     make: Callable[[random.Random], tuple[str, str]]
     check: Callable[[str, str], bool]
     description: str
+    teacher_steps: int = 900  # SFT steps (batch 64) that make a tiny Thinker good at it
 
 
 TASKS: dict[str, Task] = {
-    "arithmetic": Task("arithmetic", _arithmetic, _check_integer, "two-number addition, 0-99 + 0-99"),
-    "strings": Task("strings", _strings, check_exact, "reverse or upper-case a 3-6 letter word"),
+    "arithmetic": Task("arithmetic", _arithmetic, _check_integer, "two-number addition, 0-99 + 0-99", 900),
+    "strings": Task("strings", _strings, check_exact, "reverse or upper-case a 3-6 letter word", 400),
 }
 
 

@@ -74,14 +74,16 @@ def embedded_specialist(
     domain: str,
     tokenizer_name: str = "embedded",
     spec: TinyThinkerSpec | None = None,
-    steps: int = 1500,
+    steps: int = 0,
     batch_size: int = 64,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     seed: int = 0,
 ) -> str:
     """Folder of a tiny teacher specialised in built-in task ``domain``, trained on first use
-    and cached under the posttrain cache (keyed by everything that shapes it)."""
+    and cached under the posttrain cache (keyed by everything that shapes it).
+    ``steps=0`` takes the task's own default."""
     spec = spec or TinyThinkerSpec()
+    steps = steps or TASKS[domain].teacher_steps
     key = json.dumps(
         {"v": SPECIALIST_VERSION, "domain": domain, "tok": tokenizer_name, "spec": asdict(spec), "steps": steps,
          "bs": batch_size, "lr": lr, "seed": seed},

@@ -18,6 +18,7 @@ Facts the code respects:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ class TinyThinkerSpec:
     experts_per_token: int = option(2, "experts routed per token", min=1)
     audio_layers: int = option(2, "audio encoder layers", min=1)
     audio_hidden: int = option(64, "audio encoder width", min=32)
-    num_mel_bins: int = option(80, "log-mel bins the audio encoder reads", min=8)
+    num_mel_bins: int = option(128, "log-mel bins the audio encoder reads (128 as in Qwen3-Omni)", min=8)
 
 
 @dataclass
@@ -313,6 +314,74 @@ def set_trainable(model, part: str) -> int:
         for p in code_predictor_of(model).parameters():
             p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Audio input: Whisper-style log-mel features and the audio placeholder tokens
+
+AUDIO_SAMPLE_RATE = 16000
+
+
+@functools.lru_cache(maxsize=4)
+def audio_feature_extractor(num_mel_bins: int = 128):
+    """The Thinker's feature extractor: Whisper log-mel, 16 kHz, 10 ms hop, built from its
+    parameters (Qwen3-Omni ships the same settings in preprocessor_config.json)."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(
+        feature_size=num_mel_bins, sampling_rate=AUDIO_SAMPLE_RATE, hop_length=160, chunk_length=30, n_fft=400
+    )
+
+
+def audio_token_count(num_feature_frames):
+    """Audio tokens the encoder emits for a clip of ``num_feature_frames`` mel frames
+    (13 per 100 frames, i.e. ~12.5 per second)."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+    return _get_feat_extract_output_lengths(num_feature_frames)
+
+
+def audio_inputs(wavs, num_mel_bins: int = 128) -> dict:
+    """Model inputs for 16 kHz mono clips: ``input_features [n, mel, frames]``,
+    ``feature_attention_mask [n, frames]`` and ``audio_tokens`` (placeholders per clip)."""
+    fe = audio_feature_extractor(num_mel_bins)
+    feats = fe(
+        [w for w in wavs], sampling_rate=AUDIO_SAMPLE_RATE, padding="longest", truncation=False,
+        return_attention_mask=True, return_tensors="pt",
+    )
+    frames = feats["attention_mask"].sum(-1)
+    return {
+        "input_features": feats["input_features"],
+        "feature_attention_mask": feats["attention_mask"],
+        "audio_tokens": audio_token_count(frames).tolist(),
+    }
+
+
+def audio_placeholder(num_tokens: int) -> str:
+    """The text that stands for one clip in a prompt: its audio tokens between start/end marks."""
+    return "<|audio_start|>" + "<|audio_pad|>" * int(num_tokens) + "<|audio_end|>"
+
+
+def split_audio_inputs(inputs: dict) -> list[dict]:
+    """Per-clip inputs (each clip's features trimmed to its own length) from `audio_inputs`."""
+    out = []
+    for i, n in enumerate(inputs["audio_tokens"]):
+        frames = int(inputs["feature_attention_mask"][i].sum())
+        out.append({"input_features": inputs["input_features"][i, :, :frames], "audio_tokens": n})
+    return out
+
+
+def batch_audio_inputs(clips: list[dict]) -> dict:
+    """Stack per-clip features (``[mel, frames]`` each) into padded model inputs."""
+    width = max(c["input_features"].shape[-1] for c in clips)
+    mel = clips[0]["input_features"].shape[0]
+    feats = torch.zeros((len(clips), mel, width))
+    mask = torch.zeros((len(clips), width), dtype=torch.long)
+    for i, c in enumerate(clips):
+        n = c["input_features"].shape[-1]
+        feats[i, :, :n] = c["input_features"]
+        mask[i, :n] = 1
+    return {"input_features": feats, "feature_attention_mask": mask}
 
 
 # ---------------------------------------------------------------------------------------

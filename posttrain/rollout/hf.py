@@ -42,7 +42,16 @@ class HFEngine(RolloutEngine):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         device = next(self.model.parameters()).device
+        extra = {}
+        if any(r.inputs for r in requests):
+            # audio clips (per-request features) batch into padded model inputs
+            from posttrain.models.qwen_omni import batch_audio_inputs
+
+            if not all(r.inputs for r in requests):
+                raise ValueError("a batch mixes requests with and without audio inputs")
+            extra = {k: v.to(device) for k, v in batch_audio_inputs([r.inputs for r in requests]).items()}
         kwargs = dict(
+            **extra,
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=sampling.max_new_tokens,
@@ -82,8 +91,11 @@ class HFEngine(RolloutEngine):
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
                     torch.manual_seed(seed)
-                order = sorted(range(len(requests)), key=lambda i: (requests[i].sampling.__repr__(), len(requests[i].prompt_ids)))
-                for sampling_key, group in groupby(order, key=lambda i: requests[i].sampling):
+                def kind(i):  # batch requests that share sampling settings and input kind
+                    return (requests[i].sampling, bool(requests[i].inputs))
+
+                order = sorted(range(len(requests)), key=lambda i: (repr(kind(i)), len(requests[i].prompt_ids)))
+                for (sampling_key, _), group in groupby(order, key=kind):
                     group = list(group)
                     for start in range(0, len(group), self.batch_size):
                         chunk = group[start:start + self.batch_size]

@@ -109,3 +109,129 @@ def embedded_specialist(
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"built the embedded {domain} teacher: accuracy {accuracy:.2f} on 200 fresh prompts -> {path}", flush=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny Thinker with ears: reads a text task, and has heard its spoken queries
+
+HEARING_VERSION = 1
+TRANSCRIBE_INSTRUCTION = "\nRepeat what you heard."
+
+
+def train_hearing_thinker(
+    tokenizer,
+    spec: TinyThinkerSpec,
+    text_rows: list[dict],
+    clips: list[dict],
+    transcripts: list[str],
+    text_steps: int,
+    ear_steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    audio_lr: float = 3e-3,
+    seed: int = 0,
+):
+    """A tiny Thinker taught to answer ``text_rows`` (prompt -> answer) from text, then given
+    ears: spoken query -> its transcript (``clips[i]`` -> ``transcripts[i]``), with text QA
+    mixed in so it keeps reading. It never practises answering from audio: that gap is what
+    audio distillation closes. The audio encoder gets its own (higher) learning rate because
+    it starts from nothing while the decoder only has to keep what it knows."""
+    from posttrain.models.qwen_omni import audio_placeholder, batch_audio_inputs
+
+    model = build_tiny_thinker(tokenizer, spec, seed=seed)
+    model.train()
+    rng = random.Random(f"hearing-{seed}")
+
+    def text_loss(rows):
+        batch = collate([encode_prompt(tokenizer, r["prompt"]) for r in rows],
+                        [encode_response(tokenizer, str(r["answer"])) for r in rows], tokenizer.pad_token_id)
+        return masked_mean(token_nll(logits_of(model, batch), batch["targets"]), batch["response_mask"])
+
+    def step(loss, optimizer, scheduler):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    optimizer = make_optimizer(model, lr)
+    scheduler = make_scheduler(optimizer, warmup_steps=min(20, text_steps // 10), total_steps=text_steps)
+    bar = tqdm(range(text_steps), desc="teaching the student to read (cached after this)", leave=False, mininterval=1.0)
+    for _ in bar:
+        loss = text_loss([text_rows[rng.randrange(len(text_rows))] for _ in range(2 * batch_size)])
+        step(loss, optimizer, scheduler)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+    audio_ids = {id(p) for p in model.audio_tower.parameters()}
+    groups = [
+        {"params": list(model.audio_tower.parameters()), "lr": audio_lr},
+        {"params": [p for p in model.parameters() if id(p) not in audio_ids], "lr": lr / 3},
+    ]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, warmup_steps=min(20, ear_steps // 10), total_steps=ear_steps)
+    bar = tqdm(range(ear_steps), desc="giving the student ears (cached after this)", leave=False, mininterval=1.0)
+    for _ in bar:
+        idx = [rng.randrange(len(clips)) for _ in range(batch_size)]
+        batch = collate(
+            [encode_prompt(tokenizer, audio_placeholder(clips[i]["audio_tokens"]) + TRANSCRIBE_INSTRUCTION) for i in idx],
+            [encode_response(tokenizer, transcripts[i]) for i in idx],
+            tokenizer.pad_token_id,
+        )
+        hear = masked_mean(token_nll(logits_of(model, batch, batch_audio_inputs([clips[i] for i in idx])), batch["targets"]), batch["response_mask"])
+        read = text_loss([text_rows[rng.randrange(len(text_rows))] for _ in range(batch_size)])
+        step(hear + read, optimizer, scheduler)
+        bar.set_postfix(hear=f"{hear.item():.3f}", read=f"{read.item():.3f}", refresh=False)
+    model.eval()
+    return model
+
+
+def embedded_hearing_thinker(
+    name: str,
+    text_rows: list[dict],
+    spoken_rows: list[dict],
+    tokenizer_name: str = "embedded",
+    spec: TinyThinkerSpec | None = None,
+    text_steps: int = 300,
+    ear_steps: int = 400,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    audio_lr: float = 3e-3,
+    seed: int = 0,
+) -> str:
+    """Folder of a tiny Thinker that reads task ``name`` (``text_rows``: prompt, answer) and has
+    learnt to transcribe ``spoken_rows`` (prompt, audio = a 16 kHz file); built on first use and
+    cached under the posttrain cache, keyed by everything that shapes it."""
+    from posttrain.audio.io import load_audio
+    from posttrain.models.qwen_omni import audio_inputs, split_audio_inputs
+
+    spec = spec or TinyThinkerSpec()
+    data_digest = hashlib.sha1(json.dumps(
+        [[r["prompt"], str(r["answer"])] for r in text_rows] + [[r["prompt"], os.path.basename(r["audio"])] for r in spoken_rows]
+    ).encode()).hexdigest()
+    key = json.dumps(
+        {"v": HEARING_VERSION, "name": name, "data": data_digest, "tok": tokenizer_name, "spec": asdict(spec),
+         "text_steps": text_steps, "ear_steps": ear_steps, "bs": batch_size, "lr": lr, "audio_lr": audio_lr, "seed": seed},
+        sort_keys=True,
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    path = os.path.join(cache_root(), "hearing", f"{name}-{digest}")
+    if os.path.exists(os.path.join(path, "hearing.json")):
+        return path
+    tokenizer = load_tokenizer(tokenizer_name)
+    clips = []
+    for start in range(0, len(spoken_rows), 64):
+        wavs = [load_audio(r["audio"]) for r in spoken_rows[start:start + 64]]
+        clips += split_audio_inputs(audio_inputs(wavs, spec.num_mel_bins))
+    torch.manual_seed(seed)
+    model = train_hearing_thinker(tokenizer, spec, text_rows, clips, [r["prompt"] for r in spoken_rows],
+                                  text_steps, ear_steps, batch_size, lr, audio_lr, seed)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_model(model, tokenizer, tmp)
+    with open(os.path.join(tmp, "hearing.json"), "w") as fh:
+        json.dump({"name": name, "config": json.loads(key)}, fh, indent=2)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # built concurrently by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"built the embedded hearing Thinker for {name} -> {path}", flush=True)
+    return path

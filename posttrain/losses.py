@@ -83,3 +83,55 @@ def response_logits(logits: torch.Tensor, start: torch.Tensor, length: int) -> t
     """
     idx = (start.view(-1, 1) - 1 + torch.arange(length, device=logits.device).view(1, -1)).clamp(0, logits.shape[1] - 1)
     return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+# --------------------------------------------------------------------------- GSPO
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-normalised advantages ``(r - mean_group) / (std_group + eps)`` for ``rewards``
+    ``[groups * group_size]`` laid out group by group (the completions of one prompt are
+    consecutive). ``std`` is the sample standard deviation (Bessel-corrected, as in TRL);
+    ``scale=False`` only centres (Dr. GRPO)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+def sequence_log_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence ``[batch]``: the mean over its response tokens of ``log pi(y_t) - log pi_old(y_t)``,
+    i.e. the log of GSPO's length-normalised sequence importance ratio (0 for an empty mask)."""
+    mask = mask.to(logps.dtype)
+    return ((logps - old_logps) * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def gspo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_size: int,
+    epsilon_low: float = 3e-4,
+    epsilon_high: float = 4e-4,
+    scale_rewards: bool = True,
+) -> torch.Tensor:
+    """Group Sequence Policy Optimization loss (Zheng et al. 2025, arXiv 2507.18071, Eq. 5-7).
+
+    ``logps`` / ``old_logps`` ``[batch, time]``: log-probabilities of the sampled response tokens
+    under the current policy and under the policy that sampled them; ``mask`` marks the response
+    tokens; ``rewards`` ``[batch]``, ``group_size`` consecutive completions per prompt.
+
+    ``s_i = exp(mean_t log(pi / pi_old))`` is one importance ratio per sequence, clipped to
+    ``[1 - epsilon_low, 1 + epsilon_high]``; the loss is
+    ``-mean_i min(s_i * A_i, clip(s_i) * A_i)`` with group-normalised advantages ``A_i``.
+    Sequences with no response tokens contribute 0 (and still count in the mean, as in TRL).
+    """
+    advantages = group_advantages(rewards.to(logps.dtype), group_size, scale=scale_rewards)
+    ratio = torch.exp(sequence_log_ratio(logps, old_logps, mask))
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    objective = torch.minimum(ratio * advantages, clipped * advantages)
+    has_tokens = (mask.sum(-1) > 0).to(logps.dtype)
+    return -(objective * has_tokens).mean()

@@ -272,11 +272,12 @@ def audio_prompt(tokenizer, row: dict) -> list[int]:
 
 
 def text_prompt(tokenizer, row: dict) -> list[int]:
+    """The teacher's (and the anchor's) prompt: the query as words."""
     return encode_prompt(tokenizer, row["prompt"])
 
 
-def greedy(engine, tokenizer, rows: list[dict], view: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None):
-    """Completions of ``rows`` from one view (``audio`` or ``text``)."""
+def answers_from(engine, tokenizer, rows: list[dict], view: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None):
+    """Completions of ``rows`` from one view (``audio`` or ``text``); greedy at temperature 0."""
     sampling = SamplingParams(max_new_tokens, temperature=temperature)
     if view == "audio":
         requests = [GenerationRequest(audio_prompt(tokenizer, r), sampling, i, inputs=r["clip"]) for i, r in enumerate(rows)]
@@ -286,7 +287,7 @@ def greedy(engine, tokenizer, rows: list[dict], view: str, max_new_tokens: int, 
 
 
 @torch.no_grad()
-def evaluate(student, tokenizer, engine, teacher, held_out: list[dict], cfg: Config) -> dict[str, float]:
+def evaluate(student, tokenizer, engine, teacher, t_tok, held_out: list[dict], cfg: Config) -> dict[str, float]:
     """Held-out: KL(student audio view || teacher text view) per token on the teacher's greedy
     answers; greedy accuracy of both views (against ``answer``, else agreement with the
     teacher's answer); the gap between them."""
@@ -296,7 +297,7 @@ def evaluate(student, tokenizer, engine, teacher, held_out: list[dict], cfg: Con
     for start in range(0, len(held_out), 64):
         rows = held_out[start:start + 64]
         responses = [encode_response(tokenizer, r["teacher_answer"]) for r in rows]
-        t_logits, mask, _ = response_view(teacher, [text_prompt(tokenizer, r) for r in rows], responses, tokenizer.pad_token_id, vocab)
+        t_logits, mask, _ = response_view(teacher, [text_prompt(t_tok, r) for r in rows], responses, t_tok.pad_token_id, vocab)
         a_logits, _, _ = response_view(student, [audio_prompt(tokenizer, r) for r in rows], responses, tokenizer.pad_token_id, vocab,
                                        batch_audio_inputs([r["clip"] for r in rows]))
         x_logits, _, _ = response_view(student, [text_prompt(tokenizer, r) for r in rows], responses, tokenizer.pad_token_id, vocab)
@@ -305,7 +306,7 @@ def evaluate(student, tokenizer, engine, teacher, held_out: list[dict], cfg: Con
         count += float(mask.sum())
     metrics = {"audio_text_divergence": total / max(count, 1.0), "text_view_divergence": text_total / max(count, 1.0)}
     for view in ("audio", "text"):
-        answers = greedy(engine, tokenizer, held_out, view, cfg.generation.max_new_tokens)
+        answers = answers_from(engine, tokenizer, held_out, view, cfg.generation.max_new_tokens)
         metrics[f"accuracy/{view}"] = sum(check_exact(c.text, r["reference"]) for c, r in zip(answers, held_out)) / len(held_out)
     metrics["accuracy_gap"] = metrics["accuracy/text"] - metrics["accuracy/audio"]
     student.train()
@@ -325,14 +326,14 @@ def run(cfg: Config) -> RunResult:
     train_rows = attach_audio(train_rows, cfg, "training")
     held_out = attach_audio(held_out, cfg, "held-out")
     student, tokenizer = load_student(cfg, text_rows, train_rows)
-    teacher, _ = load_teacher(cfg, student, tokenizer)
+    teacher, t_tok = load_teacher(cfg, student, tokenizer)
     run_dir = Run(RECIPE, cfg)
     torch.manual_seed(cfg.seed)
     print(f"{RECIPE}: run directory {run_dir.path}", flush=True)
 
     set_trainable(student, cfg.student.train)
     engine = HFEngine(student, tokenizer)  # colocated: shares the student's weights
-    teacher_engine = HFEngine(teacher, tokenizer)
+    teacher_engine = HFEngine(teacher, t_tok)
     vocab = len(tokenizer)
     print(
         f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters "
@@ -345,9 +346,9 @@ def run(cfg: Config) -> RunResult:
     #    (and of the optional supervised term). Kept in the run directory for a resumed run.
     cached = run_dir.load_json("teacher_answers.json") or {}
     if "held_out" not in cached:
-        cached["held_out"] = [c.text for c in greedy(teacher_engine, tokenizer, held_out, "text", cfg.generation.max_new_tokens)]
+        cached["held_out"] = [c.text for c in answers_from(teacher_engine, t_tok, held_out, "text", cfg.generation.max_new_tokens)]
     if cfg.kd.sft_weight > 0 and "train" not in cached:
-        cached["train"] = [c.text for c in greedy(teacher_engine, tokenizer, train_rows, "text", cfg.generation.max_new_tokens)]
+        cached["train"] = [c.text for c in answers_from(teacher_engine, t_tok, train_rows, "text", cfg.generation.max_new_tokens)]
     run_dir.save_json("teacher_answers.json", cached)
     for row, answer in zip(held_out, cached["held_out"]):
         row["teacher_answer"] = answer
@@ -370,7 +371,7 @@ def run(cfg: Config) -> RunResult:
         print(f"resumed from {checkpoint} (step {start_step})", flush=True)
     before = run_dir.load_json("before.json")
     if before is None:
-        before = evaluate(student, tokenizer, engine, teacher, held_out, cfg)
+        before = evaluate(student, tokenizer, engine, teacher, t_tok, held_out, cfg)
         run_dir.save_json("before.json", before)
         run_dir.log(0, before)
     print("before: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()), flush=True)
@@ -382,13 +383,13 @@ def run(cfg: Config) -> RunResult:
     bar = tqdm(range(start_step, cfg.max_steps), desc=RECIPE, initial=start_step, total=cfg.max_steps, mininterval=1.0)
     for step in bar:
         rows = [train_rows[i] for i in batch_indices(len(train_rows), cfg.batch_size, cfg.seed, step)]
-        completions = greedy(engine, tokenizer, rows, "audio", cfg.generation.max_new_tokens,
+        completions = answers_from(engine, tokenizer, rows, "audio", cfg.generation.max_new_tokens,
                              cfg.generation.student_temperature, seed=cfg.seed * 100_003 + step)
         responses = [c.token_ids if c.token_ids else [tokenizer.eos_token_id] for c in completions]
         audio = batch_audio_inputs([r["clip"] for r in rows])
 
         with torch.no_grad():
-            t_logits, _, _ = response_view(teacher, [text_prompt(tokenizer, r) for r in rows], responses, pad, vocab)
+            t_logits, _, _ = response_view(teacher, [text_prompt(t_tok, r) for r in rows], responses, t_tok.pad_token_id, vocab)
         a_logits, mask, _ = response_view(student, [audio_prompt(tokenizer, r) for r in rows], responses, pad, vocab, audio)
         hearing = masked_mean(divergence_per_token(cfg.kd.divergence, a_logits, t_logits, cfg.kd.beta, cfg.kd.temperature), mask)
         loss = hearing
@@ -417,7 +418,7 @@ def run(cfg: Config) -> RunResult:
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             run_dir.log(done, {"loss": loss.item(), "lr": scheduler.get_last_lr()[-1], **metrics})
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            ev = evaluate(student, tokenizer, engine, teacher, held_out, cfg)
+            ev = evaluate(student, tokenizer, engine, teacher, t_tok, held_out, cfg)
             run_dir.log(done, ev)
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
@@ -425,7 +426,7 @@ def run(cfg: Config) -> RunResult:
     bar.close()
 
     # 5. After: evaluate, save the model in Hugging Face format, summarise.
-    after = evaluate(student, tokenizer, engine, teacher, held_out, cfg)
+    after = evaluate(student, tokenizer, engine, teacher, t_tok, held_out, cfg)
     run_dir.log(cfg.max_steps, after)
     save_checkpoint(run_dir.checkpoints, cfg.max_steps, {"student": student}, optimizer, scheduler, keep=cfg.keep_checkpoints)
     save_model(student, tokenizer, run_dir.file("model"))

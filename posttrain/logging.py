@@ -260,6 +260,11 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"
 
 
+def format_metrics(metrics: dict[str, float | None]) -> str:
+    """``name value, ...`` on one line (``n/a`` where a metric has no value)."""
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+
+
 def format_table(targets: dict[str, tuple[float, float, str]]) -> str:
     """A before -> after table with the direction of improvement."""
     width = max((len(k) for k in targets), default=6)

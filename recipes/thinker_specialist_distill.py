@@ -31,7 +31,7 @@ from posttrain.data.io import load_rows, require_fields, write_jsonl
 from posttrain.data.tasks import TASKS, checker_for, make_rows
 from posttrain.data.text import encode_prompt, encode_response
 from posttrain.errors import ConfigError, DataError
-from posttrain.logging import Run, RunResult, quiet_libraries
+from posttrain.logging import Run, RunResult, format_metrics, quiet_libraries
 from posttrain.losses import DIVERGENCES, divergence_per_token, masked_mean, reverse_kl_per_token, token_nll
 from posttrain.models import hub
 from posttrain.registry import RewardSet
@@ -322,7 +322,7 @@ def run(cfg: Config) -> RunResult:
         before = evaluate(student, tokenizer, engine, teachers, held_out, cfg, rewards)
         run_dir.save_json("before.json", before)
         run_dir.log(0, before)
-    print("before: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()), flush=True)
+    print("before: " + format_metrics(before), flush=True)
 
     # 4. The loop: pick sequences, score them with each sample's own teacher, step.
     student.train()
@@ -374,7 +374,7 @@ def run(cfg: Config) -> RunResult:
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
             ev = evaluate(student, tokenizer, engine, teachers, held_out, cfg, rewards)
             run_dir.log(done, ev)
-            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+            bar.write(f"step {done}: " + format_metrics(ev))
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             save_checkpoint(run_dir.checkpoints, done, {"student": student}, optimizer, scheduler, keep=cfg.keep_checkpoints)
     bar.close()

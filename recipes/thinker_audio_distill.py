@@ -63,12 +63,14 @@ RECIPE = "thinker_audio_distill"
 
 # --------------------------------------------------------------------------- the embedded task
 
-# Single-digit spoken addition: ten digit words a tiny audio encoder can learn to tell apart on
-# a CPU in minutes (two-digit numbers were not heard after 400 alignment steps), and an answer
-# that depends on hearing BOTH numbers, so an audio view that half-hears scores low.
+# Single-digit spoken addition, "3 + 4" (spoken "three plus four"): ten digit words a tiny audio
+# encoder learns to tell apart on a CPU in minutes, and an answer that depends on hearing BOTH
+# numbers. Measured: two-digit "What is 47 + 12?" clips were not heard after 400 alignment
+# steps, nor single digits wrapped in "What is ...?" after 400; the bare "a + b" was (short
+# clips, and every transcript token that is not fixed is a digit).
 def spoken_addition_rows() -> list[dict]:
-    """All 100 queries ``What is a + b?`` (a, b in 0..9) with their answers."""
-    return [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(10) for b in range(10)]
+    """All 100 queries ``a + b`` (a, b in 0..9) with their answers."""
+    return [{"prompt": f"{a} + {b}", "answer": str(a + b)} for a in range(10) for b in range(10)]
 
 
 # --------------------------------------------------------------------------- config
@@ -84,23 +86,23 @@ class StudentConfig:
 
 @dataclass
 class EarsConfig:
-    text_steps: int = option(300, "embedded student: text SFT steps on the task (it learns to read)", min=0)
-    ear_steps: int = option(300, "embedded student: audio -> transcript steps (it learns to hear), text QA mixed in", min=0)
+    text_steps: int = option(200, "embedded student: text SFT steps on the task (it learns to read)", min=0)
+    ear_steps: int = option(600, "embedded student: audio -> transcript steps (it learns to hear), text QA mixed in", min=0)
     batch_size: int = option(32, "batch size of both build steps", min=1)
     lr: float = option(3e-3, "learning rate of the text steps (a third of it for the decoder during the ear steps)", min=0.0)
-    audio_lr: float = option(3e-3, "learning rate of the audio encoder during the ear steps", min=0.0)
+    audio_lr: float = option(5e-3, "learning rate of the audio encoder during the ear steps", min=0.0)
 
 
 @dataclass
 class DataConfig:
     path: str = option("embedded", "jsonl / parquet / dataset folder with prompt (the query as text), audio (the spoken query; paths relative to the file) and optional answer; 'embedded' speaks single-digit addition")
-    eval_size: int = option(40, "held-out spoken queries (split off data.path; embedded: queries unseen in training)", min=1)
+    eval_size: int = option(20, "held-out spoken queries (split off data.path; embedded: queries unseen in training)", min=1)
     eval_path: str = option("", "a separate held-out file (same fields)")
     on_bad_audio: str = option("skip", "a row whose audio is missing or unreadable: skip it (counted and named) or fail", choices=["skip", "fail"])
-    voices: list[str] = option(["en-us", "en-gb"], "embedded data: espeak-ng voices")
-    rates: list[int] = option([220, 260], "embedded data: speaking rates, words per minute (fast = short clips)")
+    voices: list[str] = option(["en-us"], "embedded data: espeak-ng voices")
+    rates: list[int] = option([260], "embedded data: speaking rates, words per minute (fast = short clips)")
     pitches: list[int] = option([40, 60], "embedded data: base pitches (0-99)")
-    repeats: int = option(4, "embedded data: spoken versions of each training query", min=1)
+    repeats: int = option(2, "embedded data: spoken versions of each training query", min=1)
 
 
 @dataclass
@@ -121,7 +123,7 @@ class GenerationConfig:
 @dataclass
 class OptimConfig:
     lr: float = option(1e-3, "peak learning rate of the decoder", min=0.0)
-    audio_lr: float = option(2e-3, "peak learning rate of the audio encoder", min=0.0)
+    audio_lr: float = option(3e-3, "peak learning rate of the audio encoder", min=0.0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     warmup_steps: int = option(20, "linear warm-up steps", min=0)
     schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=["cosine", "linear", "constant"])

@@ -457,3 +457,211 @@ def save_model(model, tokenizer, path: str) -> str:
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# The Talker on ARIA streams: training losses and generation
+#
+# One interleaved stream per utterance (posttrain.data.aria): a text item enters the Talker
+# as the Thinker's token embedding through the Talker's text projection; a speech frame
+# enters as the sum of its codebook embeddings (group 0 from the Talker's codec embedding,
+# groups 1..G-1 from the code predictor's). The stream opens with the speaker's codec token
+# and codec BOS. At every position the Talker predicts what comes next: codebook 0 of the
+# next frame, READ (``codec_pad``: "give me the next text token") before a text item, or
+# codec EOS after the last frame. Generation lets the model choose between speaking and
+# reading, forces READ when one more frame would run ahead of the text (ARIA) and forbids it
+# when the text is done. The code predictor then reads [Talker hidden, e0(c0), e1(c1), ...]
+# and predicts c1..c_{G-1}, as in Qwen3-Omni.
+
+
+def talker_special_ids(talker) -> dict[str, int]:
+    """Codec control ids of a Talker, and where speaker tokens start."""
+    cfg = talker.config
+    return {
+        "pad": cfg.codec_pad_id,
+        "read": cfg.codec_pad_id,  # the Talker asks for the next text token
+        "bos": cfg.codec_bos_id,
+        "eos": cfg.codec_eos_token_id,
+        "first_speaker": max(cfg.codec_pad_id, cfg.codec_bos_id, cfg.codec_eos_token_id, cfg.codec_nothink_id,
+                             cfg.codec_think_bos_id, cfg.codec_think_eos_id) + 1,
+    }
+
+
+def speaker_token(talker, speaker: int) -> int:
+    """The codec token that selects voice number ``speaker``."""
+    first = talker_special_ids(talker)["first_speaker"]
+    vocab = talker.config.text_config.vocab_size
+    if not 0 <= speaker < vocab - first:
+        raise ModelError(f"speaker id {speaker} out of range: this Talker has {vocab - first} speaker slots")
+    return first + speaker
+
+
+def _frame_embeddings(talker, codes: torch.Tensor) -> torch.Tensor:
+    """Sum of the codebook embeddings of frames ``[n, groups]`` -> ``[n, hidden]``."""
+    emb = talker.model.codec_embedding(codes[:, 0])
+    for g in range(1, codes.shape[1]):
+        emb = emb + talker.code_predictor.model.codec_embedding[g - 1](codes[:, g])
+    return emb
+
+
+def talker_stream_batch(talker, text_embed, streams, codes, speakers):
+    """Model inputs and targets for a batch of ARIA streams.
+
+    ``text_embed``: the Thinker's token embedding module; ``streams[b]``: items
+    ``("text", token)`` / ``("speech", frame)``; ``codes[b]``: ``[groups, frames]``;
+    ``speakers[b]``: voice number. Returns ``inputs_embeds``, ``attention_mask``,
+    ``targets`` (what each position predicts: codebook 0, READ or EOS) and, per frame, the
+    position whose hidden state predicts it (for the code predictor).
+    """
+    ids = talker_special_ids(talker)
+    device = next(talker.parameters()).device
+    rows, targets, frame_pos, frame_codes = [], [], [], []
+    for b, (stream, c, spk) in enumerate(zip(streams, codes, speakers)):
+        c = c.long().to(device)
+        prefix = torch.tensor([speaker_token(talker, spk), ids["bos"]], device=device)
+        parts = [talker.model.codec_embedding(prefix)]
+        tgt = [-100, -100]
+        text_ids = [v for k, v in stream if k == "text"]
+        text_vecs = talker.text_projection(text_embed(torch.tensor(text_ids, device=device, dtype=torch.long))) if text_ids else None
+        frame_vecs = _frame_embeddings(talker, c.T)
+        t_i = 0
+        for kind, value in stream:
+            if kind == "text":
+                tgt[-1] = ids["read"]  # the position before a text item asks for it
+                parts.append(text_vecs[t_i : t_i + 1])
+                t_i += 1
+                tgt.append(-100)
+            else:
+                # the position before this frame predicts its codebook 0
+                tgt[-1] = int(c[0, value])
+                frame_pos.append((b, len(tgt) - 1))
+                frame_codes.append(c[:, value])
+                parts.append(frame_vecs[value : value + 1])
+                tgt.append(-100)
+        tgt[-1] = ids["eos"]
+        rows.append(torch.cat(parts))
+        targets.append(tgt)
+    width = max(r.shape[0] for r in rows)
+    hidden = rows[0].shape[1]
+    embeds = torch.zeros((len(rows), width, hidden), device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    target = torch.full((len(rows), width), -100, dtype=torch.long, device=device)
+    for b, (r, t) in enumerate(zip(rows, targets)):
+        embeds[b, : r.shape[0]] = r
+        mask[b, : r.shape[0]] = 1
+        target[b, : len(t)] = torch.tensor(t, device=device)
+    return {
+        "inputs_embeds": embeds,
+        "attention_mask": mask,
+        "targets": target,
+        "frame_positions": torch.tensor(frame_pos, device=device, dtype=torch.long).view(-1, 2),
+        "frame_codes": torch.stack(frame_codes) if frame_codes else torch.zeros((0, 1), dtype=torch.long),
+    }
+
+
+def talker_losses(talker, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codebook-0 + EOS cross-entropy of the Talker, cross-entropy of the code predictor
+    on groups 1..G-1), each a mean over its tokens."""
+    import torch.nn.functional as F
+
+    positions = torch.arange(batch["inputs_embeds"].shape[1], device=batch["inputs_embeds"].device)
+    out = talker.model(
+        inputs_embeds=batch["inputs_embeds"],
+        attention_mask=batch["attention_mask"],
+        position_ids=positions.unsqueeze(0).expand(batch["inputs_embeds"].shape[0], -1),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state
+    logits = talker.codec_head(hidden).float()
+    talker_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
+    fp, codes = batch["frame_positions"], batch["frame_codes"]
+    groups = codes.shape[1]
+    if fp.shape[0] == 0 or groups < 2:
+        return talker_loss, torch.zeros((), device=hidden.device)
+    h = hidden[fp[:, 0], fp[:, 1]]  # [frames, hidden]
+    cp = talker.code_predictor
+    seq = [h, talker.model.codec_embedding(codes[:, 0])]
+    for g in range(1, groups - 1):
+        seq.append(cp.model.codec_embedding[g - 1](codes[:, g]))
+    cp_out = cp.model(inputs_embeds=torch.stack(seq, dim=1), use_cache=False).last_hidden_state  # [frames, G, H]
+    losses = []
+    for g in range(1, groups):
+        g_logits = cp.lm_head[g - 1](cp_out[:, g]).float()
+        losses.append(F.cross_entropy(g_logits, codes[:, g]))
+    return talker_loss, torch.stack(losses).mean()
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
+        logits = torch.where(logits < kth, torch.full_like(logits, -float("inf")), logits)
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+
+
+@torch.no_grad()
+def talker_generate(talker, text_embed, text_tokens, speaker: int, rate, temperature: float = 0.0, top_k: int = 0,
+                    seed: int | None = None, max_frames: int | None = None):
+    """Speak ``text_tokens``: codes ``[groups, frames]`` and the ARIA stream that produced
+    them. The model chooses to speak a frame or READ the next text token; READ is forced
+    whenever one more frame would run ahead of the text and forbidden once the text is done;
+    generation ends at codec EOS (allowed once the text is done) or at the scheduler's cap."""
+    from transformers import DynamicCache
+
+    from posttrain.data.aria import AriaScheduler
+
+    ids = talker_special_ids(talker)
+    device = next(talker.parameters()).device
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    sched = AriaScheduler(text_tokens, rate, max_frames)
+    cache = DynamicCache(config=talker.config.text_config)
+    cp = talker.code_predictor
+    groups = talker.config.num_code_groups
+    codebook = cp.config.vocab_size
+    position = 0
+
+    def step(embeds):
+        nonlocal position
+        n = embeds.shape[0]
+        pos = torch.arange(position, position + n, device=device).unsqueeze(0)
+        position += n
+        out = talker.model(inputs_embeds=embeds.unsqueeze(0), position_ids=pos, past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[0, -1]
+
+    hidden = step(talker.model.codec_embedding(torch.tensor([speaker_token(talker, speaker), ids["bos"]], device=device)))
+    stream, frames = [], []
+    while not sched.finished:
+        logits = talker.codec_head(hidden).float()
+        allowed = torch.full_like(logits, -float("inf"))
+        if sched.must_feed_text():
+            allowed[ids["read"]] = 0.0
+        else:
+            allowed[:codebook] = 0.0
+            allowed[ids["eos"] if sched.text_done else ids["read"]] = 0.0
+        code0 = _sample(logits + allowed, temperature, top_k, generator)
+        if code0 == ids["read"]:
+            token = sched.feed_text()
+            stream.append(("text", token))
+            hidden = step(talker.text_projection(text_embed(torch.tensor([token], device=device))))
+            continue
+        if code0 == ids["eos"]:
+            break
+        # the code predictor fills groups 1..G-1 of this frame
+        frame = [code0]
+        seq = [hidden.unsqueeze(0), talker.model.codec_embedding(torch.tensor([code0], device=device))]
+        for g in range(1, groups):
+            h = cp.model(inputs_embeds=torch.stack(seq, dim=1), use_cache=False).last_hidden_state[:, -1]
+            code = _sample(cp.lm_head[g - 1](h)[0].float(), temperature, top_k, generator)
+            frame.append(code)
+            if g < groups - 1:
+                seq.append(cp.model.codec_embedding[g - 1](torch.tensor([code], device=device)))
+        sched.add_frame()
+        stream.append(("speech", len(frames)))
+        frames.append(frame)
+        hidden = step(_frame_embeddings(talker, torch.tensor([frame], device=device)))
+    while not sched.text_done:  # text the speech never reached still belongs to the stream
+        stream.append(("text", sched.feed_text()))
+    codes = torch.tensor(frames, dtype=torch.long).T if frames else torch.zeros((groups, 0), dtype=torch.long)
+    return codes, stream

@@ -1,0 +1,126 @@
+"""The embedded speech corpus for the Talker: sentences over a bounded vocabulary, spoken by
+several espeak-ng voices, encoded by the codec once and cached.
+
+Synthesis is word by word: each word of each voice is spoken alone, trimmed, encoded once,
+and utterances are the words' codes joined with short pauses. So the word-level alignment
+ARIA needs comes for free, and thousands of utterances cost one synthesis per word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SUBJECTS = ["the cat", "the dog", "my friend", "the teacher", "a bird", "the child", "our team", "the old man"]
+VERBS = ["sees", "finds", "likes", "takes", "wants", "brings", "needs", "moves"]
+ADJECTIVES = ["red", "green", "blue", "big", "small", "new", "old", "warm"]
+OBJECTS = ["ball", "book", "car", "house", "cup", "hat", "box", "chair"]
+PLACES = ["today", "at home", "in the park", "after lunch", "every day", "near the river"]
+NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+VOCABULARY = sorted({w for phrase in SUBJECTS + VERBS + ADJECTIVES + OBJECTS + PLACES + NUMBERS for w in phrase.split()})
+
+
+def make_sentence(rng: random.Random) -> str:
+    """One sentence of the bounded grammar ("the cat sees two red cups in the park")."""
+    obj = rng.choice(OBJECTS)
+    count = rng.choice(NUMBERS + ["the", "a"])
+    if count not in ("the", "a", "one"):
+        obj = obj + ("es" if obj.endswith("x") else "s")
+    parts = [rng.choice(SUBJECTS), rng.choice(VERBS), count, rng.choice(ADJECTIVES), obj]
+    if rng.random() < 0.5:
+        parts.append(rng.choice(PLACES))
+    return " ".join(parts)
+
+
+def sentence_words(sentence: str) -> list[str]:
+    return sentence.split()
+
+
+def all_words() -> list[str]:
+    """Every word a sentence of the grammar can contain (plurals included)."""
+    words = set(VOCABULARY)
+    for obj in OBJECTS:
+        words.add(obj + ("es" if obj.endswith("x") else "s"))
+    return sorted(words)
+
+
+@dataclass
+class Utterance:
+    text: str
+    words: list[str]
+    voice: int
+    codes: torch.Tensor  # [groups, frames]
+    spans: list[tuple[int, int]]  # frames of each word
+
+
+def encode_word_clips(codec, voices: list[str], rate: int = 160) -> dict[tuple[int, str], torch.Tensor]:
+    """Codes of every word of the grammar spoken alone by every voice (silence trimmed)."""
+    import librosa
+
+    from posttrain.audio.tts import synthesize
+
+    out = {}
+    for v, voice in enumerate(voices):
+        for word in all_words():
+            wav, _ = synthesize(word, voice=voice, rate=rate, sample_rate=codec.sample_rate)
+            trimmed, _ = librosa.effects.trim(wav, top_db=35)
+            if len(trimmed) < codec.samples_per_frame * 4:
+                trimmed = np.pad(trimmed, (0, codec.samples_per_frame * 4 - len(trimmed)))
+            out[(v, word)] = codec.encode([trimmed])[0]
+    return out
+
+
+def silence_codes(codec, frames: int) -> torch.Tensor:
+    """Codes of ``frames`` frames of (near) silence."""
+    wav = np.random.default_rng(0).normal(0, 1e-4, size=(frames + 2) * codec.samples_per_frame).astype(np.float32)
+    return codec.encode([wav])[0][:, :frames]
+
+
+def build_utterance(sentence: str, voice: int, clips: dict, pause: torch.Tensor) -> Utterance:
+    """An utterance from word clips joined by a short pause, with its word spans."""
+    parts, spans, frame = [], [], 0
+    for i, word in enumerate(sentence_words(sentence)):
+        if i:
+            parts.append(pause)
+            frame += pause.shape[1]
+        codes = clips[(voice, word)]
+        spans.append((frame, frame + codes.shape[1]))
+        frame += codes.shape[1]
+        parts.append(codes)
+    return Utterance(sentence, sentence_words(sentence), voice, torch.cat(parts, dim=1), spans)
+
+
+def embedded_corpus(codec, cache_root: str, voices: list[str], n_train: int, n_eval: int, seed: int = 0):
+    """(train, held-out) utterances; held-out sentences never occur in training. Word clips
+    are synthesised and encoded once per codec and voice set, then cached."""
+    key = hashlib.sha1(json.dumps({"v": 1, "codec": codec.config.__dict__, "voices": voices}, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    path = os.path.join(cache_root, "speech", f"word-clips-{key}.pt")
+    if os.path.exists(path):
+        stored = torch.load(path, weights_only=True)
+        clips = {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in stored.items()}
+    else:
+        clips = encode_word_clips(codec, voices)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save({f"{v}|{w}": c for (v, w), c in clips.items()}, tmp)
+        os.replace(tmp, path)
+    pause = silence_codes(codec, 3)
+    rng = random.Random(seed)
+    held_out_sentences = set()
+    while len(held_out_sentences) < n_eval:
+        held_out_sentences.add(make_sentence(random.Random(f"eval-{seed}-{len(held_out_sentences)}-{rng.random()}")))
+    held_out = [build_utterance(s, i % len(voices), clips, pause) for i, s in enumerate(sorted(held_out_sentences))]
+    train = []
+    while len(train) < n_train:
+        s = make_sentence(rng)
+        if s in held_out_sentences:
+            continue
+        train.append(build_utterance(s, rng.randrange(len(voices)), clips, pause))
+    return train, held_out

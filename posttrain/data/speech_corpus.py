@@ -124,3 +124,23 @@ def embedded_corpus(codec, cache_root: str, voices: list[str], n_train: int, n_e
             continue
         train.append(build_utterance(s, rng.randrange(len(voices)), clips, pause))
     return train, held_out
+
+
+def concat_utterances(utterances: list[Utterance], pause: torch.Tensor) -> Utterance:
+    """One long utterance from several of the same voice (long-context training and tests)."""
+    parts, spans, words, frame = [], [], [], 0
+    for i, u in enumerate(utterances):
+        if i:
+            parts.append(pause)
+            frame += pause.shape[1]
+        parts.append(u.codes)
+        spans += [(a + frame, b + frame) for a, b in u.spans]
+        words += u.words
+        frame += u.codes.shape[1]
+    return Utterance(" ".join(u.text for u in utterances), words, utterances[0].voice, torch.cat(parts, dim=1), spans)
+
+
+def word_token_groups(tokenizer, words: list[str]) -> list[list[int]]:
+    """Text tokens of each word as the tokenizer splits the whole sentence (a word after the
+    first carries its leading space, as byte-level BPE sees it)."""
+    return [tokenizer(("" if i == 0 else " ") + w, add_special_tokens=False)["input_ids"] for i, w in enumerate(words)]

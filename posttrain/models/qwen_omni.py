@@ -603,11 +603,12 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: tor
 
 @torch.no_grad()
 def talker_generate(talker, text_embed, text_tokens, speaker: int, rate, temperature: float = 0.0, top_k: int = 0,
-                    seed: int | None = None, max_frames: int | None = None):
+                    seed: int | None = None, max_frames: int | None = None, on_frame=None):
     """Speak ``text_tokens``: codes ``[groups, frames]`` and the ARIA stream that produced
     them. The model chooses to speak a frame or READ the next text token; READ is forced
     whenever one more frame would run ahead of the text and forbidden once the text is done;
-    generation ends at codec EOS (allowed once the text is done) or at the scheduler's cap."""
+    generation ends at codec EOS (allowed once the text is done) or at the scheduler's cap.
+    ``on_frame(n, frames)`` is called after every frame (streaming decoders hook in here)."""
     from transformers import DynamicCache
 
     from posttrain.data.aria import AriaScheduler
@@ -660,6 +661,8 @@ def talker_generate(talker, text_embed, text_tokens, speaker: int, rate, tempera
         sched.add_frame()
         stream.append(("speech", len(frames)))
         frames.append(frame)
+        if on_frame is not None:  # streaming: the caller may decode what is there so far
+            on_frame(len(frames), frames)
         hidden = step(_frame_embeddings(talker, torch.tensor([frame], device=device)))
     while not sched.text_done:  # text the speech never reached still belongs to the stream
         stream.append(("text", sched.feed_text()))

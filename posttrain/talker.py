@@ -1,0 +1,126 @@
+"""A Talker ready to speak: the model (Thinker embeddings + Talker + code predictor), its
+tokenizer, its codec, its voices and ARIA rates, saved together as one folder::
+
+    talker/
+      model/        Hugging Face folder of the Qwen3-Omni model (safetensors)
+      codec/        the codec (embedded mel-RVQ codebooks)
+      talker.json   voices, ARIA rates and lead, layout
+
+`speak` generates codes under the ARIA constraint and decodes them, timing generation,
+decoding and the first streamed packet, for `posttrain.eval_tts`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from posttrain.data.aria import AriaRate
+from posttrain.errors import ModelError
+from posttrain.eval_tts import SpokenSample
+from posttrain.models.codec import MelRVQCodec
+from posttrain.models.qwen_omni import save_model, talker_generate, talker_of, thinker_of
+
+
+@dataclass
+class TalkerBundle:
+    model: torch.nn.Module
+    tokenizer: object
+    codec: MelRVQCodec
+    voices: list[str]
+    rates: dict[str, AriaRate]
+    layout: str = "aria"
+
+    @property
+    def talker(self):
+        return talker_of(self.model)
+
+    @property
+    def text_embed(self):
+        return thinker_of(self.model).model.embed_tokens
+
+    def voice_id(self, voice: str | int) -> int:
+        if isinstance(voice, int):
+            return voice
+        if voice not in self.voices:
+            raise ModelError(f"unknown voice {voice!r}; this Talker knows {', '.join(self.voices)}")
+        return self.voices.index(voice)
+
+    def rate(self, voice: str | int) -> AriaRate:
+        name = self.voices[self.voice_id(voice)]
+        return self.rates.get(name, self.rates["*"])
+
+    def text_tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def save(self, path: str) -> str:
+        tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_model(self.model, self.tokenizer, os.path.join(tmp, "model"))
+        self.codec.save(os.path.join(tmp, "codec"))
+        meta = {
+            "voices": self.voices,
+            "rates": {k: {"frames_per_token": r.frames_per_token, "lead": r.lead} for k, r in self.rates.items()},
+            "layout": self.layout,
+        }
+        with open(os.path.join(tmp, "talker.json"), "w") as fh:
+            json.dump(meta, fh, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.rename(tmp, path)
+        return path
+
+
+def load_bundle(path: str) -> TalkerBundle:
+    """A Talker bundle saved by `TalkerBundle.save` (weights as safetensors, no remote code)."""
+    from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
+
+    meta_path = os.path.join(path, "talker.json")
+    if not os.path.exists(meta_path):
+        raise ModelError(f"{path!r} is not a Talker folder (no talker.json); point at the 'talker' folder of a talker_pretrain run")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(os.path.join(path, "model"), local_files_only=True, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "model"), local_files_only=True)
+    codec = MelRVQCodec.load(os.path.join(path, "codec"))
+    rates = {k: AriaRate(v["frames_per_token"], v["lead"]) for k, v in meta["rates"].items()}
+    return TalkerBundle(model.eval(), tokenizer, codec, meta["voices"], rates, meta.get("layout", "aria"))
+
+
+def speak(bundle: TalkerBundle, text: str, voice: str | int, temperature: float = 0.0, seed: int | None = None, chunk_frames: int = 10) -> SpokenSample:
+    """Generate and decode one utterance, timing generation, decoding and the first packet
+    (the first ``chunk_frames`` frames decoded, as a streaming client would hear them)."""
+    start = time.perf_counter()
+    first_chunk = {}
+
+    def on_frame(n_frames: int, frames: list) -> None:
+        if n_frames == chunk_frames and "t" not in first_chunk:
+            codes = torch.tensor(frames, dtype=torch.long).T
+            bundle.codec.decode(codes.unsqueeze(0))  # what a streaming client would get first
+            first_chunk["t"] = time.perf_counter() - start
+
+    codes, stream = talker_generate(
+        bundle.talker, bundle.text_embed, bundle.text_tokens(text), bundle.voice_id(voice), bundle.rate(voice),
+        temperature=temperature, seed=seed, on_frame=on_frame,
+    )
+    generated = time.perf_counter()
+    if codes.shape[1] >= 2:
+        wav = bundle.codec.decode(codes.unsqueeze(0))[0]
+    else:  # the Talker said nothing: silence, which the ASR hears as nothing
+        wav = np.zeros(bundle.codec.samples_per_frame * 4, dtype=np.float32)
+    decoded = time.perf_counter()
+    name = bundle.voices[bundle.voice_id(voice)]
+    return SpokenSample(
+        text=text, voice=name, wav=wav, sample_rate=bundle.codec.sample_rate,
+        generate_seconds=generated - start, decode_seconds=decoded - generated,
+        first_packet_seconds=first_chunk.get("t", decoded - start),
+        extra={"frames": int(codes.shape[1])},
+    )

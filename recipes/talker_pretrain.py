@@ -1,0 +1,308 @@
+"""Talker speech pretraining on (text, codec codes) in ARIA layout, then long-context continual pretraining.
+
+Stage 1 teaches the Talker (codebook 0, plus READ decisions and EOS) and the code predictor
+(codebooks 1..G-1) to speak text: loss = talker CE + ``loss.code_predictor_weight`` x
+code-predictor CE. The text and speech of an utterance share one interleaved stream in which
+speech never runs more than ``aria.lead`` frames ahead of the rate the text allows
+(``layout=plain`` puts all text first, for comparison). Stage 2 continues on streams of
+several utterances joined, lengthening them step by step (``long_context.lengths``), and
+reports the teacher-forced loss at 1x and at the longest length.
+
+The embedded default speaks a bounded vocabulary in several espeak-ng voices through the
+embedded mel-RVQ codec; the target metric ``wer`` is the capped per-utterance WER of a real
+ASR model listening to the Talker speak held-out sentences (free-running, greedy).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from posttrain.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.config import RunConfig, option
+from posttrain.data.aria import build_plain_stream, build_stream, check_stream, estimate_rates
+from posttrain.data.speech_corpus import concat_utterances, embedded_corpus, make_sentence, silence_codes, word_token_groups
+from posttrain.errors import ConfigError
+from posttrain.eval_tts import format_summary, score_speech, write_report
+from posttrain.logging import Run, RunResult, format_metrics, quiet_libraries
+from posttrain.models.codec import MelRVQConfig, embedded_codec
+from posttrain.models.hub import cache_root
+from posttrain.models.qwen_omni import (
+    TinyTalkerSpec,
+    TinyThinkerSpec,
+    build_tiny_omni,
+    set_trainable,
+    talker_losses,
+    talker_of,
+    talker_stream_batch,
+    thinker_of,
+)
+from posttrain.models.tokenizer import build_embedded_tokenizer
+from posttrain.talker import TalkerBundle, speak
+from posttrain.training import batch_indices, make_optimizer, make_scheduler
+
+RECIPE = "talker_pretrain"
+
+
+@dataclass
+class CodecConfig:
+    path: str = option("embedded", "codec: 'embedded' (mel RVQ + Griffin-Lim, built from espeak-ng speech and cached)")
+    groups: int = option(4, "codebooks per frame (group 0 from the Talker, the rest from the code predictor)", min=2)
+    codebook_size: int = option(256, "entries per codebook", min=2)
+    frame_rate: int = option(50, "codec frames per second", choices=[50, 25])
+
+
+@dataclass
+class DataConfig:
+    path: str = option("embedded", "'embedded' (espeak-ng voices, bounded vocabulary)")
+    voices: list[str] = option(["en-us", "en-gb", "en-us+f3", "en-gb+m3"], "espeak-ng voices of the embedded corpus")
+    train_size: int = option(2000, "training utterances", min=1)
+    eval_size: int = option(20, "held-out sentences spoken by the Talker for the WER", min=1)
+
+
+@dataclass
+class AriaConfig:
+    lead: int = option(4, "frames speech may run ahead of what the text allows", min=0)
+    slack: float = option(1.15, "rate slack over the measured frames per text token", min=1.0)
+
+
+@dataclass
+class LossConfig:
+    code_predictor_weight: float = option(0.3, "weight of the code-predictor loss next to the Talker's", min=0.0)
+
+
+@dataclass
+class LongContextConfig:
+    steps: int = option(60, "continual pretraining steps on long streams (0 = skip)", min=0)
+    lengths: list[int] = option([2, 4], "curriculum: utterances joined per stream, stage by stage")
+    batch_size: int = option(4, "long streams per step", min=1)
+    lr: float = option(5e-4, "learning rate of the continual stage", min=0.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(2e-3, "peak learning rate", min=0.0)
+    warmup_steps: int = option(30, "warm-up steps", min=0)
+    grad_clip: float = option(1.0, "gradient norm clip", min=0.0)
+
+
+@dataclass
+class Config(RunConfig):
+    talker: TinyTalkerSpec = option(default_factory=TinyTalkerSpec, help="size of the embedded Talker")
+    codec: CodecConfig = option(default_factory=CodecConfig, help="the speech codec")
+    data: DataConfig = option(default_factory=DataConfig, help="speech data")
+    layout: str = option("aria", "interleaved text/speech (aria) or all text first (plain)", choices=["aria", "plain"])
+    aria: AriaConfig = option(default_factory=AriaConfig, help="the ARIA rate constraint")
+    loss: LossConfig = option(default_factory=LossConfig, help="loss weights")
+    long_context: LongContextConfig = option(default_factory=LongContextConfig, help="long-context continual stage")
+    optim: OptimConfig = option(default_factory=OptimConfig, help="optimiser")
+    batch_size: int = option(16, "utterances per step", min=1)
+    merges: int = option(400, "BPE merges of the embedded tokenizer learned from the corpus (words become single tokens)", min=0)
+
+    def validate(self) -> None:
+        if self.codec.path != "embedded":
+            raise ConfigError("config key 'codec.path': only the embedded codec can encode speech for pretraining; Code2Wav only decodes")
+        if self.data.path != "embedded":
+            raise ConfigError("config key 'data.path': user speech data is not supported by talker_pretrain yet; use 'embedded'")
+        if self.codec.codebook_size != self.talker.codebook_size or self.codec.groups != self.talker.num_code_groups:
+            self.talker.codebook_size = self.codec.codebook_size
+            self.talker.num_code_groups = self.codec.groups
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def make_streams(utterances, tokenizer, rates, layout):
+    streams = []
+    for u in utterances:
+        groups = word_token_groups(tokenizer, u.words)
+        rate = rates.get(str(u.voice), rates["*"])
+        if layout == "aria":
+            stream = build_stream(groups, u.spans, u.codes.shape[1], rate)
+            assert check_stream(stream, sum(map(len, groups)), rate) is None
+        else:
+            stream = build_plain_stream([t for g in groups for t in g], u.codes.shape[1])
+        streams.append(stream)
+    return streams
+
+
+@torch.no_grad()
+def mean_loss(talker, embed, utterances, streams, cfg, batch_size=8) -> float:
+    """Teacher-forced Talker + weighted code-predictor loss over utterances."""
+    talker.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(utterances), batch_size):
+        us, ss = utterances[i : i + batch_size], streams[i : i + batch_size]
+        l0, l1 = talker_losses(talker, talker_stream_batch(talker, embed, ss, [u.codes for u in us], [u.voice for u in us]))
+        total += float(l0 + cfg.loss.code_predictor_weight * l1) * len(us)
+        n += len(us)
+    talker.train()
+    return total / max(n, 1)
+
+
+def evaluate_speech(bundle: TalkerBundle, held_out, references) -> tuple[list[dict], dict, list]:
+    """The Talker speaks every held-out sentence (greedy); a real ASR listens."""
+    bundle.model.eval()
+    samples = [speak(bundle, u.text, u.voice) for u in tqdm(held_out, desc="speaking held-out sentences", leave=False)]
+    rows, summary = score_speech(samples, references)
+    bundle.model.train()
+    return rows, summary, samples
+
+
+def voice_references(voices: list[str]) -> dict[str, np.ndarray]:
+    """Speaker embeddings of each espeak voice on a sentence outside the corpus."""
+    from posttrain.audio.speaker import embed
+    from posttrain.audio.tts import synthesize
+
+    out = {}
+    for v in voices:
+        wav, sr = synthesize("please read this short reference sentence for the speaker encoder", voice=v, rate=160, sample_rate=16000)
+        out[v] = embed(wav, sr, f"reference for {v}")
+    return out
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def run(cfg: Config) -> RunResult:
+    quiet_libraries()
+    run_dir = Run(RECIPE, cfg)
+    torch.manual_seed(cfg.seed)
+    print(f"{RECIPE}: run directory {run_dir.path}", flush=True)
+
+    # 1. Codec, corpus, tokenizer, ARIA rates (per voice, from the data).
+    stack = 1 if cfg.codec.frame_rate == 50 else 2
+    codec = embedded_codec(cache_root(), MelRVQConfig(num_groups=cfg.codec.groups, codebook_size=cfg.codec.codebook_size, stack=stack))
+    train, held_out = embedded_corpus(codec, cache_root(), cfg.data.voices, cfg.data.train_size, cfg.data.eval_size, seed=cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = build_embedded_tokenizer([make_sentence(rng) for _ in range(3000)], num_merges=cfg.merges)
+    samples = [(str(u.voice), sum(map(len, word_token_groups(tokenizer, u.words))), u.codes.shape[1]) for u in train]
+    rates = estimate_rates(samples, slack=cfg.aria.slack, lead=cfg.aria.lead)
+    named_rates = {"*": rates["*"], **{cfg.data.voices[int(k)]: r for k, r in rates.items() if k != "*"}}
+    train_streams = make_streams(train, tokenizer, rates, cfg.layout)
+    held_streams = make_streams(held_out, tokenizer, rates, cfg.layout)
+    print(
+        f"{len(train)} training utterances ({np.mean([u.codes.shape[1] for u in train]) / codec.frame_rate:.1f} s on average), "
+        f"{len(held_out)} held-out sentences, {len(cfg.data.voices)} voices, codec {codec.frame_rate:.0f} Hz x {codec.num_groups} codebooks; "
+        f"ARIA rate {rates['*'].frames_per_token:.1f} frames per text token, lead {cfg.aria.lead}, layout={cfg.layout}",
+        flush=True,
+    )
+
+    # 2. The tiny Talker (the Thinker's token embeddings feed it text; the Thinker stays frozen).
+    model = build_tiny_omni(tokenizer, TinyThinkerSpec(hidden_size=64, num_layers=1), cfg.talker, seed=cfg.seed)
+    talker, embed = talker_of(model), thinker_of(model).model.embed_tokens
+    set_trainable(model, "talker")
+    for p in talker.code_predictor.parameters():
+        p.requires_grad_(True)
+    bundle = TalkerBundle(model, tokenizer, codec, list(cfg.data.voices), named_rates, cfg.layout)
+    references = voice_references(cfg.data.voices)
+    print(f"talker: {sum(p.numel() for p in talker.parameters()) / 1e6:.2f}M parameters", flush=True)
+
+    optimizer = make_optimizer(talker, cfg.optim.lr)
+    scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, cfg.max_steps)
+    start_step = 0
+    checkpoint = run_dir.latest_checkpoint()
+    if checkpoint:
+        start_step = load_checkpoint(checkpoint, {"talker": talker}, optimizer, scheduler)["step"]
+        run_dir.rewind(start_step)
+        print(f"resumed from {checkpoint} (step {start_step})", flush=True)
+    before = run_dir.load_json("before.json")
+    if before is None:
+        _, summary, _ = evaluate_speech(bundle, held_out, references)
+        before = {"loss": mean_loss(talker, embed, held_out, held_streams, cfg), **summary}
+        run_dir.save_json("before.json", before)
+        run_dir.log(0, {k: v for k, v in before.items() if isinstance(v, float)})
+    print("before: " + format_metrics({k: before[k] for k in ("loss", "wer", "speaker_similarity")}), flush=True)
+
+    # 3. Stage 1: speech pretraining on short streams.
+    talker.train()
+    bar = tqdm(range(start_step, cfg.max_steps), desc=RECIPE, initial=start_step, total=cfg.max_steps, mininterval=1.0)
+    for step in bar:
+        idx = batch_indices(len(train), cfg.batch_size, cfg.seed, step)
+        batch = talker_stream_batch(talker, embed, [train_streams[i] for i in idx], [train[i].codes for i in idx], [train[i].voice for i in idx])
+        l0, l1 = talker_losses(talker, batch)
+        loss = l0 + cfg.loss.code_predictor_weight * l1
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(talker.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            run_dir.log(done, {"loss": loss.item(), "loss/talker": l0.item(), "loss/code_predictor": l1.item()})
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            save_checkpoint(run_dir.checkpoints, done, {"talker": talker}, optimizer, scheduler, keep=cfg.keep_checkpoints)
+    bar.close()
+
+    # 4. Stage 2: long-context continual pretraining with a length curriculum.
+    pause = silence_codes(codec, 3)
+    longest = max(cfg.long_context.lengths) if cfg.long_context.lengths else 1
+
+    def joined(utterances, k, seed):
+        by_voice = {}
+        for u in utterances:
+            by_voice.setdefault(u.voice, []).append(u)
+        r = random.Random(seed)
+        out = []
+        for voice, us in sorted(by_voice.items()):
+            for i in range(0, len(us) - k + 1, k):
+                out.append(concat_utterances(us[i : i + k], pause))
+        r.shuffle(out)
+        return out
+
+    long_held = joined(held_out, longest, cfg.seed)
+    long_held_streams = make_streams(long_held, tokenizer, rates, cfg.layout)
+    loss_1x_before_long = mean_loss(talker, embed, held_out, held_streams, cfg)
+    loss_long_before = mean_loss(talker, embed, long_held, long_held_streams, cfg, batch_size=2) if long_held else None
+    if cfg.long_context.steps and cfg.long_context.lengths:
+        opt2 = make_optimizer(talker, cfg.long_context.lr)
+        per_stage = max(1, cfg.long_context.steps // len(cfg.long_context.lengths))
+        step = cfg.max_steps
+        for k in cfg.long_context.lengths:
+            pool = joined(train[: max(200, cfg.long_context.batch_size * k * 10)], k, cfg.seed + k)
+            pool_streams = make_streams(pool, tokenizer, rates, cfg.layout)
+            for s in tqdm(range(per_stage), desc=f"long context x{k}", leave=False):
+                idx = batch_indices(len(pool), cfg.long_context.batch_size, cfg.seed + k, s)
+                batch = talker_stream_batch(talker, embed, [pool_streams[i] for i in idx], [pool[i].codes for i in idx], [pool[i].voice for i in idx])
+                l0, l1 = talker_losses(talker, batch)
+                loss = l0 + cfg.loss.code_predictor_weight * l1
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(talker.parameters(), cfg.optim.grad_clip)
+                opt2.step()
+                opt2.zero_grad(set_to_none=True)
+                step += 1
+                if step % cfg.log_every == 0:
+                    run_dir.log(step, {f"loss/long_x{k}": loss.item()})
+    loss_1x = mean_loss(talker, embed, held_out, held_streams, cfg)
+    loss_long = mean_loss(talker, embed, long_held, long_held_streams, cfg, batch_size=2) if long_held else None
+    print(
+        f"long context: held-out loss at 1x {loss_1x_before_long:.3f} -> {loss_1x:.3f}, "
+        f"at {longest}x {loss_long_before if loss_long_before is None else round(loss_long_before, 3)} -> {loss_long if loss_long is None else round(loss_long, 3)}",
+        flush=True,
+    )
+
+    # 5. After: the Talker speaks held-out sentences; save the Talker; summarise.
+    rows, summary, samples = evaluate_speech(bundle, held_out, references)
+    write_report(run_dir.file("eval"), rows, summary, samples)
+    print("eval: " + format_summary(summary), flush=True)
+    after = {"loss": loss_1x, **summary}
+    run_dir.log(cfg.max_steps, {k: v for k, v in after.items() if isinstance(v, float)})
+    save_checkpoint(run_dir.checkpoints, cfg.max_steps, {"talker": talker}, optimizer, scheduler, keep=cfg.keep_checkpoints)
+    bundle.save(run_dir.file("talker"))
+    targets = {
+        "loss": (before["loss"], after["loss"], "lower"),
+        "wer": (before["wer"], after["wer"], "lower"),
+        "speaker_similarity": (before["speaker_similarity"], after["speaker_similarity"], "higher"),
+        "f0_range": (before["f0_range"], after["f0_range"], "higher"),
+    }
+    extra = {
+        "long_context": {"loss_1x": loss_1x, f"loss_{longest}x": loss_long, "ratio": (loss_long / loss_1x) if loss_long and loss_1x else None},
+        "layout": cfg.layout,
+        "eval": summary,
+    }
+    return run_dir.finish(targets, extra=extra)

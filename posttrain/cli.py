@@ -4,6 +4,7 @@
     posttrain run NAME [key=value ...]      (``--help`` after NAME lists every key)
     posttrain rewards list
     posttrain rewards score --reward NAME --data FILE [--output FILE]
+    posttrain eval tts --talker PATH [--sentences FILE]
 
 User errors (a config key, a data line, a path) print one line and exit 2, no traceback.
 """
@@ -70,6 +71,48 @@ def cmd_rewards(args) -> int:
     return 2
 
 
+def cmd_eval(args) -> int:
+    """``posttrain eval tts``: a Talker speaks a list of sentences; ASR, speaker encoder and
+    Praat judge it; a markdown + json table and example wavs are written."""
+    import os
+    import random
+
+    from posttrain.errors import DataError
+    from posttrain.eval_tts import format_summary, score_speech, write_report
+    from posttrain.logging import quiet_libraries
+    from posttrain.talker import load_bundle, speak
+
+    if args.eval_cmd != "tts":
+        print("usage: posttrain eval tts --talker PATH [--sentences FILE] [--voice NAME] [--output DIR]")
+        return 2
+    quiet_libraries()
+    bundle = load_bundle(args.talker)
+    if args.sentences:
+        if not os.path.exists(args.sentences):
+            raise DataError(f"sentences file {args.sentences!r} does not exist")
+        with open(args.sentences, encoding="utf-8") as fh:
+            sentences = [line.strip() for line in fh if line.strip()]
+        if not sentences:
+            raise DataError(f"{args.sentences}: no sentences (one per line)")
+    else:
+        from posttrain.data.speech_corpus import make_sentence
+
+        rng = random.Random(12345)
+        sentences = [make_sentence(rng) for _ in range(args.n)]
+    voices = [args.voice] if args.voice else bundle.voices
+    samples = [speak(bundle, text, voices[i % len(voices)]) for i, text in enumerate(sentences)]
+    from recipes.talker_pretrain import voice_references
+
+    rows, summary = score_speech(samples, voice_references(bundle.voices))
+    out = args.output or os.path.join(args.talker, "..", "eval_tts")
+    path = write_report(out, rows, summary, samples)
+    with open(path, encoding="utf-8") as fh:
+        print(fh.read())
+    print(format_summary(summary))
+    print(f"written to {os.path.normpath(out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -87,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", help="write per-sample scores to this jsonl")
     score.add_argument("--param", dest="params", action="append", default=[], help="key=value bound to the reward")
     rewards.set_defaults(func=cmd_rewards)
+    ev = sub.add_parser("eval", help="evaluate a trained model")
+    esub = ev.add_subparsers(dest="eval_cmd")
+    tts = esub.add_parser("tts", help="Seed-TTS-eval style: WER by ASR, speaker similarity, F0 range, RTF, first-packet latency")
+    tts.add_argument("--talker", required=True, help="a Talker folder (the 'talker' folder of a talker_pretrain run)")
+    tts.add_argument("--sentences", help="a text file, one sentence per line (default: held-out sentences of the embedded grammar)")
+    tts.add_argument("--n", type=int, default=10, help="how many default sentences")
+    tts.add_argument("--voice", help="speak every sentence in this voice (default: cycle through the Talker's voices)")
+    tts.add_argument("--output", help="folder for the table and example wavs")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -278,6 +278,6 @@ def format_table(targets: dict[str, tuple[float, float, str]]) -> str:
             change = f"{after - before:+.3f}"
         ok = ""
         if before is not None and after is not None:
-            ok = "✓" if (after < before if better == "lower" else after > before) else "✗"
+            ok = "=" if after == before else "✓" if (after < before if better == "lower" else after > before) else "✗"
         lines.append(f"{key:<{width}}  {_fmt(before):>9}  {_fmt(after):>9}  {change:>9}  {better} {ok}")
     return "\n".join(lines)

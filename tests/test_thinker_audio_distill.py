@@ -6,6 +6,7 @@ another tokenizer refused with an explanation."""
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -201,3 +202,29 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, tokenizer):
     student = build_tiny_thinker(tokenizer, spec)
     with pytest.raises(ModelError, match="different tokenizer.*shared vocabulary"):
         module.load_teacher(cfg, student, tokenizer)
+
+
+def test_user_data_run_skips_bad_audio_and_reads_the_students_mel_bins(tmp_path, tokenizer, capsys):
+    from posttrain.audio.io import save_wav
+    from posttrain.models.qwen_omni import build_tiny_thinker, save_model
+
+    t = np.arange(12000) / 16000.0
+    rows = []
+    for i in range(6):
+        save_wav(str(tmp_path / f"q{i}.wav"), (0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t)).astype(np.float32), 16000)
+        rows.append({"prompt": f"{i} + 1", "audio": f"q{i}.wav", "answer": str(i + 1)})
+    rows.append({"prompt": "9 + 1", "audio": "gone.wav", "answer": "10"})
+    path = tmp_path / "user.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    student = str(tmp_path / "student")
+    save_model(build_tiny_thinker(tokenizer, TINY_SPEC), tokenizer, student)  # reads 32 mel bins
+    module, cfg = _config(tmp_path, f"data.path={path}", "data.eval_size=2", f"student.path={student}",
+                          "student.size.num_mel_bins=64", "max_steps=2", "save_every=0", "batch_size=4")
+    result = module.run(cfg)
+    out = capsys.readouterr().out
+    assert re.search(r"skipped 1 of \d+ (training|held-out) samples", out), out
+    assert "user.jsonl, line 7" in out and "gone.wav" in out
+    assert out.count("skipped") == 1  # counted once, not again when features are redone for 32 mel bins
+    metrics = result.summary["metrics"]
+    assert set(metrics) >= {"audio_text_divergence", "accuracy/audio", "accuracy/text", "accuracy_gap"}
+    assert all(m["after"] is not None for m in metrics.values())

@@ -9,6 +9,9 @@ import torch
 from posttrain.rollout.engine import Completion, GenerationRequest, RolloutEngine, SamplingParams
 
 
+PLACEHOLDER_TOKENS = ("<|audio_pad|>", "<|image_pad|>", "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
 class HFEngine(RolloutEngine):
     """Batched ``model.generate`` with left padding.
 
@@ -24,6 +27,10 @@ class HFEngine(RolloutEngine):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stops = stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id]
         self.stop_token_ids = sorted({int(t) for t in stops if t is not None})
+        # placeholders stand for audio/vision features: a sampled one would break the next
+        # forward pass (more placeholders than features), so they are never generated
+        vocab = tokenizer.get_vocab()
+        self.suppress_token_ids = sorted(vocab[t] for t in PLACEHOLDER_TOKENS if t in vocab)
         self.weight_version = 0
 
     def update_weights(self, state: dict | None, version: int) -> None:
@@ -58,6 +65,8 @@ class HFEngine(RolloutEngine):
             pad_token_id=self.pad_id,
             eos_token_id=self.stop_token_ids,
         )
+        if self.suppress_token_ids:
+            kwargs["suppress_tokens"] = self.suppress_token_ids
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

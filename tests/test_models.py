@@ -107,3 +107,14 @@ def test_smollm2_ships_in_a_package_and_answers(posttrain_cache):
     engine = HFEngine(model, tok)
     [c] = engine.generate([GenerationRequest(encode_prompt(tok, "What is the capital of France?"), SamplingParams(12, 0.0))])
     assert "Paris" in c.text
+
+
+def test_fresh_models_have_finite_initialised_weights(tokenizer):
+    # garbage in freed memory must not leak into a new model's uninitialised parameters
+    junk = torch.full((4_000_000,), float("nan"))
+    del junk
+    model = build_tiny_omni(tokenizer, TinyThinkerSpec(hidden_size=64, num_layers=1), TinyTalkerSpec(codebook_size=64))
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if name.endswith(("experts.down_proj", "experts.gate_up_proj")):
+            assert p.abs().sum() > 0, name  # initialised, not left at zero

@@ -21,7 +21,7 @@ from posttrain.models.qwen_omni import TinyThinkerSpec, build_tiny_thinker, load
 from posttrain.rollout import GenerationRequest, HFEngine, SamplingParams
 from posttrain.training import logits_of, make_optimizer, make_scheduler
 
-SPECIALIST_VERSION = 1
+SPECIALIST_VERSION = 2  # 2: expert weights initialised explicitly
 
 
 def evaluate_task(engine, tokenizer, domain: str, rows: list[dict], max_new_tokens: int = 12) -> float:
@@ -114,7 +114,7 @@ def embedded_specialist(
 # ---------------------------------------------------------------------------------------
 # A tiny Thinker with ears: reads a text task, and has heard its spoken queries
 
-HEARING_VERSION = 1
+HEARING_VERSION = 2  # 2: expert weights initialised explicitly
 TRANSCRIBE_INSTRUCTION = "\nRepeat what you heard."
 
 

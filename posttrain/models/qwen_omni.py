@@ -227,12 +227,24 @@ def omni_config(tokenizer, thinker: TinyThinkerSpec, talker: TinyTalkerSpec):
     return cfg
 
 
+def _init_expert_weights(model, std: float = 0.02) -> None:
+    """Initialise MoE expert weights explicitly: transformers 5.19 allocates some of them
+    (e.g. the Talker's ``experts.down_proj``) with ``torch.empty`` and never initialises
+    them, so a fresh model could hold whatever the memory held (NaN after a large load)."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("experts"):
+                for p in module.parameters(recurse=False):
+                    p.normal_(0.0, std)
+
+
 def build_tiny_thinker(tokenizer, spec: TinyThinkerSpec | None = None, seed: int = 0):
     """A random-initialised tiny Thinker of the real architecture (seconds to build)."""
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
     torch.manual_seed(seed)
     model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_config(tokenizer, spec or TinyThinkerSpec()))
+    _init_expert_weights(model)
     return model.float()
 
 
@@ -242,7 +254,9 @@ def build_tiny_omni(tokenizer, thinker: TinyThinkerSpec | None = None, talker: T
 
     torch.manual_seed(seed)
     cfg = omni_config(tokenizer, thinker or TinyThinkerSpec(), talker or TinyTalkerSpec())
-    return Qwen3OmniMoeForConditionalGeneration(cfg).float()
+    model = Qwen3OmniMoeForConditionalGeneration(cfg)
+    _init_expert_weights(model)
+    return model.float()
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,10 +9,15 @@ the optimiser step) and change one thing: where completions come from.
 `EngineGRPOTrainer` overrides ``GRPOTrainer._generate_single_turn``, the one method that turns
 tokenised prompts into completion token ids, so that completions come from a
 `posttrain.rollout.RolloutEngine` (``engine.generate``) instead of ``model.generate`` or TRL's own
-vLLM client. Before each generation the engine receives the weights of every optimiser step
-since the last one (``engine.update_weights(state, version=global_step)``; ``state=None`` when
-the engine holds the trainer's own model object), so every completion carries the weight
-version that produced it, and the staleness is logged (``rollout/staleness``, 0 = on-policy).
+vLLM client. After every optimiser step the engine receives the new weights
+(``engine.update_weights(state, version=global_step)``; ``state=None`` when the engine holds the
+trainer's own model object), so every completion carries the weight version that produced it;
+the staleness at generation time is logged (``rollout/staleness``, 0 = on-policy). The later
+mini-batches of one rollout batch (``steps_per_generation > 1``) are off-policy by design: that
+is what GSPO's clipped sequence ratio is for.
+
+A Qwen-Omni Thinker also needs ``_get_per_token_logps_and_entropies``: TRL's fused LM head
+runs ``model.base_model``, which for the Thinker is the Thinker itself (see the method).
 
 Also here: reward plugins as TRL reward functions (`trl_reward_functions`) and the callbacks
 that make a TRL run a posttrain run directory (`RunDirCallback`: metrics.jsonl, a progress
@@ -24,7 +29,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import torch
 from transformers import TrainerCallback
@@ -70,6 +75,7 @@ class EngineGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, engine: RolloutEngine, **kwargs):
         self.engine = engine
         super().__init__(*args, **kwargs)
+        self.add_callback(_PushWeightsCallback(self))
         unsupported = {
             "use_vllm": self.args.use_vllm,
             "use_transformers_continuous_batching": self.args.use_transformers_continuous_batching,
@@ -86,7 +92,7 @@ class EngineGRPOTrainer(GRPOTrainer):
         return getattr(self.engine, "model", None) is self.accelerator.unwrap_model(self.model)
 
     def sync_engine(self) -> None:
-        """Push the weights of the optimiser steps taken since the last push (version = global step)."""
+        """Push the current weights to the engine (version = global step), unless it has them."""
         version = self.state.global_step
         if self.engine.weight_version == version:
             return
@@ -97,10 +103,41 @@ class EngineGRPOTrainer(GRPOTrainer):
             state = {k: v.detach() for k, v in model.state_dict().items()}
         self.engine.update_weights(state, version)
 
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        unwrapped = self.accelerator.unwrap_model(model)
+        if unwrapped.base_model is not unwrapped or any(v is not None for v in multimodal.values()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss, **multimodal
+            )
+        # TRL's fused LM head runs `model.base_model` and then the head; a Qwen-Omni Thinker has no
+        # such backbone (its base_model_prefix names the Thinker inside the full model, so
+        # base_model is the Thinker itself, whose forward also computes the M-RoPE positions).
+        # Score from its logits instead, chunk by chunk: the same log-probabilities.
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies, aux = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            kwargs = {"output_router_logits": True} if compute_aux_loss else {}
+            with self.accelerator.autocast():
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+            logits = out.logits[:, -logits_to_keep - 1:-1].float() / self.temperature
+            logp = torch.log_softmax(logits, dim=-1)
+            logps.append(logp.gather(-1, ids[:, -logits_to_keep:].unsqueeze(-1)).squeeze(-1))
+            if compute_entropy:
+                entropies.append(-(logp.exp() * logp).sum(-1))
+            if compute_aux_loss:
+                aux.append(out.aux_loss)
+        return (
+            torch.cat(logps),
+            torch.cat(entropies) if compute_entropy else None,
+            torch.stack(aux).mean() if compute_aux_loss else None,
+        )
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None or multimodal_fields:
             raise ValueError("EngineGRPOTrainer handles text prompts; audio/vision inputs go through the recipe's own engine requests")
-        self.sync_engine()
+        self.sync_engine()  # a no-op after a step's push; needed after a resume (fresh engine)
         sampling = SamplingParams(
             max_new_tokens=self.max_completion_length,
             temperature=self.temperature,
@@ -115,6 +152,16 @@ class EngineGRPOTrainer(GRPOTrainer):
         staleness = max(self.state.global_step - c.weight_version for c in completions)
         self._metrics[mode]["rollout/staleness"].append(float(staleness))
         return [list(c.token_ids) for c in completions], None
+
+
+class _PushWeightsCallback(TrainerCallback):
+    """Pushes the weights to the engine after every optimiser step."""
+
+    def __init__(self, trainer: EngineGRPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.sync_engine()
 
 
 # --------------------------------------------------------------------------- rewards

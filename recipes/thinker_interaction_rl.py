@@ -16,13 +16,20 @@ receives the new weights after every optimiser step.
 Target metrics on held-out conversations (replies sampled with a fixed seed; higher is better):
 ``reward/combined`` and ``reward/<name>`` per plugin, and the same on a held-out long-context
 set whose conversations are longer than any training conversation (``reward/combined_long``,
-``reward/<name>_long``).
+``reward/<name>_long``). In metrics.jsonl, ``reward/<name>`` is the mean over each rollout
+batch and ``held_out/<name>`` the held-out evaluations.
 
-Embedded default: a tiny Thinker first fine-tuned (once, then cached) on template replies from
-`posttrain.data.conversations`, where on purpose about ``warmup.flaw_rate`` of the replies show
-each of the typical failures: answering in the previous turn's language, forgetting the rules
-of the first turn, breaking character. The warmed-up model speaks the templates but slips as
-often as its teacher did; RL has to make it stop slipping.
+Embedded default: a tiny Thinker with a byte-level BPE whose merges are learned from generated
+conversations, first fine-tuned (once, then cached) on template replies from
+`posttrain.data.conversations` of which, on purpose, about ``warmup.flaw_rate`` show each of the
+typical failures: answering in the previous turn's language, forgetting the rules of the first
+turn, breaking character. The warmed-up model speaks the templates but slips as often as its
+teacher did; RL has to make it stop slipping.
+
+What the rewards do not check: that the reply answers the question asked. Trained on these
+three alone, the embedded policy also learns to prefer short replies stating a fact it gets
+right, whatever the question; add a relevance reward (e.g. overlap with the embedded data's
+``reference`` column, which the rewards receive) to counter that.
 """
 
 from __future__ import annotations

@@ -256,3 +256,17 @@ def test_bad_conversations_fail_with_one_line_naming_the_line(tmp_path, rows, me
     assert message in err and str(path) in err
     assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_default_run_raises_the_combined_reward_by_at_least_0_2(tmp_path):
+    code, out, err = run_cli("run", "thinker_interaction_rl", f"output_dir={tmp_path}", "run_name=default", timeout=1500)
+    assert code == 0, err
+    with open(tmp_path / "thinker_interaction_rl" / "default" / "summary.json") as fh:
+        metrics = json.load(fh)["metrics"]
+    combined = metrics["reward/combined"]
+    assert combined["after"] - combined["before"] >= 0.2, combined
+    assert metrics["reward/combined_long"]["after"] > metrics["reward/combined_long"]["before"]
+    for name in ("language", "persona", "instruction_following"):
+        assert f"reward/{name}" in metrics and f"reward/{name}_long" in metrics
+    assert "reward/combined" in out and "→" in out  # the before -> after table and summary line

@@ -79,6 +79,17 @@ class TalkerBundle:
         return path
 
 
+def check_talker_codec(model, codec, where: str) -> None:
+    """The Talker predicts the codec's codes: groups and codebook size must agree."""
+    talker = talker_of(model)
+    groups = int(talker.config.num_code_groups)
+    size = int(talker.code_predictor.config.vocab_size)
+    if groups != codec.num_groups:
+        raise ModelError(f"{where}: the Talker predicts {groups} codebooks but its codec has {codec.num_groups} (codec.groups); they were saved from different runs")
+    if size != codec.codebook_size:
+        raise ModelError(f"{where}: the Talker's codebooks have {size} entries but its codec has {codec.codebook_size} (codec.codebook_size); they were saved from different runs")
+
+
 def load_bundle(path: str) -> TalkerBundle:
     """A Talker bundle saved by `TalkerBundle.save` (weights as safetensors, no remote code)."""
     from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
@@ -91,6 +102,7 @@ def load_bundle(path: str) -> TalkerBundle:
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(os.path.join(path, "model"), local_files_only=True, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "model"), local_files_only=True)
     codec = MelRVQCodec.load(os.path.join(path, "codec"))
+    check_talker_codec(model, codec, path)
     rates = {k: AriaRate(v["frames_per_token"], v["lead"]) for k, v in meta["rates"].items()}
     return TalkerBundle(model.eval(), tokenizer, codec, meta["voices"], rates, meta.get("layout", "aria"))
 

@@ -15,6 +15,7 @@ ASR model listening to the Talker speak held-out sentences (free-running, greedy
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ from posttrain.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.config import RunConfig, option
 from posttrain.data.aria import build_plain_stream, build_stream, check_stream, estimate_rates
 from posttrain.data.speech_corpus import concat_utterances, embedded_corpus, make_sentence, silence_codes, word_token_groups
-from posttrain.errors import ConfigError
+from posttrain.data.user_speech import load_user_speech
+from posttrain.errors import ConfigError, DataError
 from posttrain.eval_tts import format_summary, score_speech, write_report
 from posttrain.logging import Run, RunResult, format_metrics, quiet_libraries
 from posttrain.models.codec import MelRVQConfig, embedded_codec
@@ -36,6 +38,7 @@ from posttrain.models.qwen_omni import (
     TinyThinkerSpec,
     build_tiny_omni,
     set_trainable,
+    speaker_slots,
     talker_losses,
     talker_of,
     talker_stream_batch,
@@ -58,10 +61,15 @@ class CodecConfig:
 
 @dataclass
 class DataConfig:
-    path: str = option("embedded", "'embedded' (espeak-ng voices, bounded vocabulary)")
+    path: str = option("embedded", "'embedded' (espeak-ng voices, bounded vocabulary) or a jsonl/parquet of audio + text (+ speaker) rows")
     voices: list[str] = option(["en-us", "en-gb", "en-us+f3", "en-gb+m3"], "espeak-ng voices of the embedded corpus")
-    train_size: int = option(2000, "training utterances", min=1)
-    eval_size: int = option(20, "held-out sentences spoken by the Talker for the WER", min=1)
+    train_size: int = option(2000, "training utterances (embedded corpus)", min=1)
+    eval_size: int = option(20, "held-out sentences spoken by the Talker for the WER (user data: rows split off)", min=1)
+    on_bad: str = option("fail", "user data: a bad recording or transcript stops the run (fail) or is reported and left out (skip)", choices=["fail", "skip"])
+    min_seconds: float = option(0.3, "user data: shortest usable recording", min=0.0)
+    max_seconds: float = option(20.0, "user data: longest usable recording (split longer ones)", min=0.1)
+    alignment: str = option("asr", "user data: word times from ASR word timestamps (asr) or spread over the speech (proportional)", choices=["asr", "proportional"])
+    language: str = option("en", "user data: language of the recordings, for the ASR")
 
 
 @dataclass
@@ -106,8 +114,8 @@ class Config(RunConfig):
     def validate(self) -> None:
         if self.codec.path != "embedded":
             raise ConfigError("config key 'codec.path': only the embedded codec can encode speech for pretraining; Code2Wav only decodes")
-        if self.data.path != "embedded":
-            raise ConfigError("config key 'data.path': user speech data is not supported by talker_pretrain yet; use 'embedded'")
+        if self.data.path != "embedded" and not os.path.exists(self.data.path):
+            raise ConfigError(f"config key 'data.path': {self.data.path!r} does not exist; give 'embedded' or a jsonl of audio + text rows")
         if self.codec.codebook_size != self.talker.codebook_size or self.codec.groups != self.talker.num_code_groups:
             self.talker.codebook_size = self.codec.codebook_size
             self.talker.num_code_groups = self.codec.groups
@@ -165,29 +173,51 @@ def voice_references(voices: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def load_speech(cfg: Config, codec):
+    """(train, held-out, voice names, speaker reference embeddings, tokenizer texts)."""
+    if cfg.data.path == "embedded":
+        train, held_out = embedded_corpus(codec, cache_root(), cfg.data.voices, cfg.data.train_size, cfg.data.eval_size, seed=cfg.seed)
+        rng = random.Random(cfg.seed)
+        return train, held_out, list(cfg.data.voices), voice_references(cfg.data.voices), [make_sentence(rng) for _ in range(3000)]
+    user = load_user_speech(
+        cfg.data.path, codec, cache_root(), on_bad=cfg.data.on_bad, min_seconds=cfg.data.min_seconds,
+        max_seconds=cfg.data.max_seconds, alignment=cfg.data.alignment, asr_language=cfg.data.language,
+    )
+    n = len(user.utterances)
+    if n <= cfg.data.eval_size:
+        raise DataError(f"{cfg.data.path}: {n} usable recordings, but data.eval_size={cfg.data.eval_size} are held out; add recordings or lower data.eval_size")
+    order = list(range(n))
+    random.Random(cfg.seed).shuffle(order)
+    held_out = [user.utterances[i] for i in order[: cfg.data.eval_size]]
+    train = [user.utterances[i] for i in order[cfg.data.eval_size :]]
+    if user.skipped:
+        print(f"{len(user.skipped)} of {n + len(user.skipped)} rows skipped (listed above)", flush=True)
+    return train, held_out, user.speakers, user.references, [u.text for u in user.utterances]
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
 def run(cfg: Config) -> RunResult:
     quiet_libraries()
-    run_dir = Run(RECIPE, cfg)
     torch.manual_seed(cfg.seed)
-    print(f"{RECIPE}: run directory {run_dir.path}", flush=True)
 
-    # 1. Codec, corpus, tokenizer, ARIA rates (per voice, from the data).
+    # 1. Codec, corpus, tokenizer, ARIA rates (per voice, from the data). Bad data fails here,
+    #    before a run directory exists.
     stack = 1 if cfg.codec.frame_rate == 50 else 2
     codec = embedded_codec(cache_root(), MelRVQConfig(num_groups=cfg.codec.groups, codebook_size=cfg.codec.codebook_size, stack=stack))
-    train, held_out = embedded_corpus(codec, cache_root(), cfg.data.voices, cfg.data.train_size, cfg.data.eval_size, seed=cfg.seed)
-    rng = random.Random(cfg.seed)
-    tokenizer = build_embedded_tokenizer([make_sentence(rng) for _ in range(3000)], num_merges=cfg.merges)
+    train, held_out, voices, references, texts = load_speech(cfg, codec)
+    run_dir = Run(RECIPE, cfg)
+    print(f"{RECIPE}: run directory {run_dir.path}", flush=True)
+    tokenizer = build_embedded_tokenizer(texts, num_merges=cfg.merges)
     samples = [(str(u.voice), sum(map(len, word_token_groups(tokenizer, u.words))), u.codes.shape[1]) for u in train]
     rates = estimate_rates(samples, slack=cfg.aria.slack, lead=cfg.aria.lead)
-    named_rates = {"*": rates["*"], **{cfg.data.voices[int(k)]: r for k, r in rates.items() if k != "*"}}
+    named_rates = {"*": rates["*"], **{voices[int(k)]: r for k, r in rates.items() if k != "*"}}
     train_streams = make_streams(train, tokenizer, rates, cfg.layout)
     held_streams = make_streams(held_out, tokenizer, rates, cfg.layout)
     print(
         f"{len(train)} training utterances ({np.mean([u.codes.shape[1] for u in train]) / codec.frame_rate:.1f} s on average), "
-        f"{len(held_out)} held-out sentences, {len(cfg.data.voices)} voices, codec {codec.frame_rate:.0f} Hz x {codec.num_groups} codebooks; "
+        f"{len(held_out)} held-out sentences, {len(voices)} voices, codec {codec.frame_rate:.0f} Hz x {codec.num_groups} codebooks; "
         f"ARIA rate {rates['*'].frames_per_token:.1f} frames per text token, lead {cfg.aria.lead}, layout={cfg.layout}",
         flush=True,
     )
@@ -198,8 +228,10 @@ def run(cfg: Config) -> RunResult:
     set_trainable(model, "talker")
     for p in talker.code_predictor.parameters():
         p.requires_grad_(True)
-    bundle = TalkerBundle(model, tokenizer, codec, list(cfg.data.voices), named_rates, cfg.layout)
-    references = voice_references(cfg.data.voices)
+    slots = speaker_slots(talker)
+    if len(voices) > slots:
+        raise ConfigError(f"config key 'data.path': {len(voices)} speakers but the Talker has {slots} speaker slots; raise talker.codebook_size or merge speakers")
+    bundle = TalkerBundle(model, tokenizer, codec, list(voices), named_rates, cfg.layout)
     print(f"talker: {sum(p.numel() for p in talker.parameters()) / 1e6:.2f}M parameters", flush=True)
 
     optimizer = make_optimizer(talker, cfg.optim.lr)

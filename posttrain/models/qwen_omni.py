@@ -501,6 +501,11 @@ def talker_special_ids(talker) -> dict[str, int]:
     }
 
 
+def speaker_slots(talker) -> int:
+    """How many voices the Talker's codec vocabulary has room for."""
+    return talker.config.text_config.vocab_size - talker_special_ids(talker)["first_speaker"]
+
+
 def speaker_token(talker, speaker: int) -> int:
     """The codec token that selects voice number ``speaker``."""
     first = talker_special_ids(talker)["first_speaker"]

@@ -52,3 +52,44 @@ def test_talker_memorises_an_utterance_and_generation_reproduces_it(tokenizer):
     other, _ = talker_generate(talker, embed, [t for w in words for t in w], 2, rate, temperature=0.0)
     assert speaker_token(talker, 2) != speaker_token(talker, 1)
     assert other.shape != codes.shape or not torch.equal(other, codes)
+
+
+def _random_talker(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    model = build_tiny_omni(tokenizer, TinyThinkerSpec(hidden_size=64, num_layers=1), TinyTalkerSpec(num_code_groups=3, codebook_size=32, num_layers=1), seed=seed)
+    return talker_of(model).eval(), thinker_of(model).model.embed_tokens
+
+
+def test_batched_generation_equals_one_at_a_time_and_keeps_the_rate(tokenizer):
+    from posttrain.models.qwen_omni import talker_generate_batch
+
+    talker, embed = _random_talker(tokenizer)
+    texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["hello there", "a much longer sentence to speak", "yes"]]
+    rates = [AriaRate(3.0, 2), AriaRate(2.0, 1), AriaRate(4.0, 3)]
+    batch = talker_generate_batch(talker, embed, texts, [0, 1, 2], rates, temperature=0.0)
+    for (codes, stream, ended, logp), text, rate, spk in zip(batch, texts, rates, [0, 1, 2]):
+        single, single_stream = talker_generate(talker, embed, text, spk, rate, temperature=0.0)
+        assert torch.equal(codes, single) and stream == single_stream
+        assert check_stream(stream, len(text), rate) is None
+        assert [v for k, v in stream if k == "text"] == text
+        assert logp < 0
+
+
+def test_sequence_logps_recompute_the_sampling_policy(tokenizer):
+    """What generation says it sampled with equals what the trainer computes from the
+    stream: masks, forced READs, EOS or cap, and the code predictor, at the temperature."""
+    from posttrain.models.qwen_omni import talker_generate_batch, talker_sequence_logps
+
+    talker, embed = _random_talker(tokenizer, seed=3)
+    texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["one two three", "four", "five six seven eight"]] * 2
+    rates = [AriaRate(2.5, 2)] * len(texts)
+    for temperature in (1.0, 0.7):
+        out = talker_generate_batch(talker, embed, texts, [0, 1, 2, 0, 1, 2], rates, temperature=temperature, seed=5, max_frames=40)
+        assert {o[2] for o in out} == {True, False} or temperature != 1.0  # both endings are covered
+        batch = talker_stream_batch(talker, embed, [o[1] for o in out], [o[0] for o in out], [0, 1, 2, 0, 1, 2], rates=rates, ended=[o[2] for o in out])
+        with torch.no_grad():
+            lp = talker_sequence_logps(talker, batch, temperature=temperature)
+        expected = torch.tensor([o[3] for o in out])
+        assert torch.allclose(lp["total"], expected, atol=1e-3), (lp["total"], expected)
+        frames = torch.tensor([o[0].shape[1] for o in out])
+        assert torch.all(lp["tokens"] >= frames)

@@ -523,7 +523,7 @@ def _frame_embeddings(talker, codes: torch.Tensor) -> torch.Tensor:
     return emb
 
 
-def talker_stream_batch(talker, text_embed, streams, codes, speakers):
+def talker_stream_batch(talker, text_embed, streams, codes, speakers, rates=None, ended=None):
     """Model inputs and targets for a batch of ARIA streams.
 
     ``text_embed``: the Thinker's token embedding module; ``streams[b]``: items
@@ -531,11 +531,21 @@ def talker_stream_batch(talker, text_embed, streams, codes, speakers):
     ``speakers[b]``: voice number. Returns ``inputs_embeds``, ``attention_mask``,
     ``targets`` (what each position predicts: codebook 0, READ or EOS) and, per frame, the
     position whose hidden state predicts it (for the code predictor).
+
+    With ``rates`` (one `AriaRate` per stream, as generation used), ``choice`` says what the
+    generation policy could choose at each position: 0 nothing (or a READ the ARIA rule
+    forced), 1 a codebook entry or READ, 2 a codebook entry or EOS (text done), so log-probs
+    match the masked policy that sampled the stream (`talker_sequence_logps`). ``ended[b]``
+    False: stream ``b`` stopped at the frame cap, not at EOS, so no EOS target.
     """
     ids = talker_special_ids(talker)
     device = next(talker.parameters()).device
-    rows, targets, frame_pos, frame_codes = [], [], [], []
+    rows, targets, choices, frame_pos, frame_codes = [], [], [], [], []
     for b, (stream, c, spk) in enumerate(zip(streams, codes, speakers)):
+        rate = rates[b] if rates is not None else None
+        total_text = sum(1 for k, _ in stream if k == "text")
+        n_text = n_frames = 0
+        choice = [0, 0]
         c = c.long().to(device)
         prefix = torch.tensor([speaker_token(talker, spk), ids["bos"]], device=device)
         parts = [talker.model.codec_embedding(prefix)]
@@ -545,31 +555,47 @@ def talker_stream_batch(talker, text_embed, streams, codes, speakers):
         frame_vecs = _frame_embeddings(talker, c.T)
         t_i = 0
         for kind, value in stream:
+            if rate is not None:  # what the masked policy could choose here
+                text_done = n_text >= total_text
+                forced = not text_done and n_frames + 1 > rate.allowed_frames(n_text)
+                choice[-1] = 0 if forced else (2 if text_done else 1)
             if kind == "text":
                 tgt[-1] = ids["read"]  # the position before a text item asks for it
                 parts.append(text_vecs[t_i : t_i + 1])
                 t_i += 1
-                tgt.append(-100)
+                n_text += 1
             else:
                 # the position before this frame predicts its codebook 0
                 tgt[-1] = int(c[0, value])
                 frame_pos.append((b, len(tgt) - 1))
                 frame_codes.append(c[:, value])
                 parts.append(frame_vecs[value : value + 1])
-                tgt.append(-100)
-        tgt[-1] = ids["eos"]
+                n_frames += 1
+            tgt.append(-100)
+            choice.append(0)
+        if ended is None or ended[b]:
+            tgt[-1] = ids["eos"]
+            choice[-1] = 2 if rate is not None else 0
+        else:  # stopped at the frame cap: text after the last frame was never a decision
+            last = max((j for j, (k, _) in enumerate(stream) if k == "speech"), default=-1)
+            for j in range(last + 1, len(stream) + 1):
+                tgt[j + 1] = -100
         rows.append(torch.cat(parts))
         targets.append(tgt)
+        choices.append(choice)
     width = max(r.shape[0] for r in rows)
     hidden = rows[0].shape[1]
     embeds = torch.zeros((len(rows), width, hidden), device=device)
     mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     target = torch.full((len(rows), width), -100, dtype=torch.long, device=device)
-    for b, (r, t) in enumerate(zip(rows, targets)):
+    choice = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for b, (r, t, ch) in enumerate(zip(rows, targets, choices)):
         embeds[b, : r.shape[0]] = r
         mask[b, : r.shape[0]] = 1
         target[b, : len(t)] = torch.tensor(t, device=device)
+        choice[b, : len(ch)] = torch.tensor(ch, device=device)
     return {
+        "choice": choice if rates is not None else None,
         "inputs_embeds": embeds,
         "attention_mask": mask,
         "targets": target,
@@ -578,56 +604,104 @@ def talker_stream_batch(talker, text_embed, streams, codes, speakers):
     }
 
 
+def _talker_forward(talker, batch):
+    """(Talker hidden states [B, T, H], code-predictor logits [frames, G-1, K] or None)."""
+    positions = torch.arange(batch["inputs_embeds"].shape[1], device=batch["inputs_embeds"].device)
+    hidden = talker.model(
+        inputs_embeds=batch["inputs_embeds"],
+        attention_mask=batch["attention_mask"],
+        position_ids=positions.unsqueeze(0).expand(batch["inputs_embeds"].shape[0], -1),
+        use_cache=False,
+    ).last_hidden_state
+    fp, codes = batch["frame_positions"], batch["frame_codes"]
+    groups = codes.shape[1]
+    if fp.shape[0] == 0 or groups < 2:
+        return hidden, None
+    cp = talker.code_predictor
+    seq = [hidden[fp[:, 0], fp[:, 1]], talker.model.codec_embedding(codes[:, 0])]
+    for g in range(1, groups - 1):
+        seq.append(cp.model.codec_embedding[g - 1](codes[:, g]))
+    cp_out = cp.model(inputs_embeds=torch.stack(seq, dim=1), use_cache=False).last_hidden_state  # [frames, G, H]
+    cp_logits = torch.stack([cp.lm_head[g - 1](cp_out[:, g]).float() for g in range(1, groups)], dim=1)
+    return hidden, cp_logits
+
+
 def talker_losses(talker, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(codebook-0 + EOS cross-entropy of the Talker, cross-entropy of the code predictor
     on groups 1..G-1), each a mean over its tokens."""
     import torch.nn.functional as F
 
-    positions = torch.arange(batch["inputs_embeds"].shape[1], device=batch["inputs_embeds"].device)
-    out = talker.model(
-        inputs_embeds=batch["inputs_embeds"],
-        attention_mask=batch["attention_mask"],
-        position_ids=positions.unsqueeze(0).expand(batch["inputs_embeds"].shape[0], -1),
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state
+    hidden, cp_logits = _talker_forward(talker, batch)
     logits = talker.codec_head(hidden).float()
     talker_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
-    fp, codes = batch["frame_positions"], batch["frame_codes"]
-    groups = codes.shape[1]
-    if fp.shape[0] == 0 or groups < 2:
+    if cp_logits is None:
         return talker_loss, torch.zeros((), device=hidden.device)
-    h = hidden[fp[:, 0], fp[:, 1]]  # [frames, hidden]
-    cp = talker.code_predictor
-    seq = [h, talker.model.codec_embedding(codes[:, 0])]
-    for g in range(1, groups - 1):
-        seq.append(cp.model.codec_embedding[g - 1](codes[:, g]))
-    cp_out = cp.model(inputs_embeds=torch.stack(seq, dim=1), use_cache=False).last_hidden_state  # [frames, G, H]
-    losses = []
-    for g in range(1, groups):
-        g_logits = cp.lm_head[g - 1](cp_out[:, g]).float()
-        losses.append(F.cross_entropy(g_logits, codes[:, g]))
-    return talker_loss, torch.stack(losses).mean()
+    codes = batch["frame_codes"]
+    cp_loss = F.cross_entropy(cp_logits.reshape(-1, cp_logits.shape[-1]), codes[:, 1:].reshape(-1))
+    return talker_loss, cp_loss
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
+def talker_sequence_logps(talker, batch, temperature: float = 1.0, code_predictor_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-sequence log-probabilities of streams under the policy that generates them.
+
+    With ``batch["choice"]`` (a batch built with rates) the Talker's logits are masked as in
+    `talker_generate` (codebook + READ while text remains, codebook + EOS after it; READs the
+    ARIA rule forced count as certain), at ``temperature``. Returns ``talker`` [B] (codebook 0,
+    READ, EOS), ``code_predictor`` [B] (groups 1..G-1), ``total`` = talker +
+    ``code_predictor_weight`` x code_predictor, and ``tokens`` [B] (scored decisions)."""
+    hidden, cp_logits = _talker_forward(talker, batch)
+    logits = talker.codec_head(hidden).float() / temperature
+    targets = batch["targets"]
+    ids = talker_special_ids(talker)
+    codebook = talker.code_predictor.config.vocab_size
+    choice = batch.get("choice")
+    if choice is not None:
+        vocab = logits.shape[-1]
+        allowed = torch.zeros((3, vocab), dtype=torch.bool, device=logits.device)
+        allowed[1, :codebook] = True
+        allowed[1, ids["read"]] = True
+        allowed[2, :codebook] = True
+        allowed[2, ids["eos"]] = True
+        logits = logits.masked_fill(~allowed[choice], -1e9)
+        scored = (targets != -100) & (choice > 0)
+    else:
+        scored = targets != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    talker_lp = (logp * scored).sum(-1)
+    cp_lp = torch.zeros_like(talker_lp)
+    if cp_logits is not None:
+        codes = batch["frame_codes"]
+        frame_lp = torch.log_softmax(cp_logits / temperature, -1).gather(-1, codes[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+        cp_lp = cp_lp.index_add(0, batch["frame_positions"][:, 0], frame_lp)
+    return {"talker": talker_lp, "code_predictor": cp_lp, "total": talker_lp + code_predictor_weight * cp_lp, "tokens": scored.sum(-1)}
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """One sample per row of ``logits`` [B, V] (greedy at temperature 0)."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     logits = logits / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = torch.where(logits < kth, torch.full_like(logits, -float("inf")), logits)
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
-def talker_generate(talker, text_embed, text_tokens, speaker: int, rate, temperature: float = 0.0, top_k: int = 0,
-                    seed: int | None = None, max_frames: int | None = None, on_frame=None):
-    """Speak ``text_tokens``: codes ``[groups, frames]`` and the ARIA stream that produced
-    them. The model chooses to speak a frame or READ the next text token; READ is forced
-    whenever one more frame would run ahead of the text and forbidden once the text is done;
-    generation ends at codec EOS (allowed once the text is done) or at the scheduler's cap.
-    ``on_frame(n, frames)`` is called after every frame (streaming decoders hook in here)."""
+def talker_generate_batch(talker, text_embed, text_tokens, speakers, rates, temperature: float = 0.0, top_k: int = 0,
+                          seed: int | None = None, max_frames: int | None = None, on_frame=None):
+    """Speak several texts at once: a list of ``(codes [groups, frames], stream, ended, logp)``.
+
+    Every row advances by one item per step (a text token it READs or a frame it speaks), so
+    rows stay aligned in position and share one KV cache. The model chooses to speak a frame
+    or READ the next text token; READ is forced whenever one more frame would run ahead of the
+    text (ARIA) and forbidden once the text is done; a row ends at codec EOS (allowed once its
+    text is done; ``ended`` True) or at its scheduler's frame cap (``ended`` False).
+    ``logp`` is the log-probability of the row's choices under the masked policy at
+    ``temperature`` (at 1 when greedy; ``top_k`` truncation ignored): the behaviour policy's
+    log-prob for RL, which `talker_sequence_logps` recomputes from the stream.
+    ``on_frame(row, n, frames)`` is called after every frame (streaming decoders hook in here).
+    """
     from transformers import DynamicCache
 
     from posttrain.data.aria import AriaScheduler
@@ -635,55 +709,102 @@ def talker_generate(talker, text_embed, text_tokens, speaker: int, rate, tempera
     ids = talker_special_ids(talker)
     device = next(talker.parameters()).device
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    sched = AriaScheduler(text_tokens, rate, max_frames)
+    n = len(text_tokens)
+    scheds = [AriaScheduler(t, r, max_frames) for t, r in zip(text_tokens, rates)]
     cache = DynamicCache(config=talker.config.text_config)
     cp = talker.code_predictor
     groups = talker.config.num_code_groups
     codebook = cp.config.vocab_size
     position = 0
 
-    def step(embeds):
+    def step(embeds):  # [n, k, hidden] -> last hidden state of each row
         nonlocal position
-        n = embeds.shape[0]
-        pos = torch.arange(position, position + n, device=device).unsqueeze(0)
-        position += n
-        out = talker.model(inputs_embeds=embeds.unsqueeze(0), position_ids=pos, past_key_values=cache, use_cache=True)
-        return out.last_hidden_state[0, -1]
+        k = embeds.shape[1]
+        pos = torch.arange(position, position + k, device=device).unsqueeze(0).expand(n, -1)
+        position += k
+        out = talker.model(inputs_embeds=embeds, position_ids=pos, past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[:, -1]
 
-    hidden = step(talker.model.codec_embedding(torch.tensor([speaker_token(talker, speaker), ids["bos"]], device=device)))
-    stream, frames = [], []
-    while not sched.finished:
+    prefix = torch.tensor([[speaker_token(talker, s), ids["bos"]] for s in speakers], device=device)
+    hidden = step(talker.model.codec_embedding(prefix))
+    streams = [[] for _ in range(n)]
+    frames = [[] for _ in range(n)]
+    ended = [False] * n
+    logps = [0.0] * n
+    scale = temperature if temperature > 0 else 1.0
+    active = [not sc.finished for sc in scheds]
+    while any(active):
         logits = talker.codec_head(hidden).float()
         allowed = torch.full_like(logits, -float("inf"))
-        if sched.must_feed_text():
-            allowed[ids["read"]] = 0.0
-        else:
-            allowed[:codebook] = 0.0
-            allowed[ids["eos"] if sched.text_done else ids["read"]] = 0.0
-        code0 = _sample(logits + allowed, temperature, top_k, generator)
-        if code0 == ids["read"]:
-            token = sched.feed_text()
-            stream.append(("text", token))
-            hidden = step(talker.text_projection(text_embed(torch.tensor([token], device=device))))
-            continue
-        if code0 == ids["eos"]:
+        for b, sc in enumerate(scheds):
+            if not active[b]:
+                allowed[b, ids["pad"]] = 0.0  # a finished row idles on a token nobody reads
+            elif sc.must_feed_text():
+                allowed[b, ids["read"]] = 0.0
+            else:
+                allowed[b, :codebook] = 0.0
+                allowed[b, ids["eos"] if sc.text_done else ids["read"]] = 0.0
+        choice_t = _sample(logits + allowed, temperature, top_k, generator)
+        free = torch.log_softmax((logits + allowed) / scale, -1).gather(-1, choice_t.unsqueeze(-1)).squeeze(-1).tolist()
+        choice = choice_t.tolist()
+        next_embeds = torch.zeros_like(hidden)
+        reads, speaks = [], []
+        for b in range(n):
+            if not active[b]:
+                continue
+            if not scheds[b].must_feed_text():  # a forced READ is certain
+                logps[b] += free[b]
+            if choice[b] == ids["read"]:
+                reads.append((b, scheds[b].feed_text()))
+            elif choice[b] == ids["eos"]:
+                active[b], ended[b] = False, True
+            else:
+                speaks.append(b)
+        if reads:
+            tokens = torch.tensor([t for _, t in reads], device=device)
+            next_embeds[[b for b, _ in reads]] = talker.text_projection(text_embed(tokens))
+            for b, t in reads:
+                streams[b].append(("text", t))
+        if speaks:  # the code predictor fills groups 1..G-1 of these rows' frames
+            code0 = torch.tensor([choice[b] for b in speaks], device=device)
+            frame = [code0]
+            seq = [hidden[speaks], talker.model.codec_embedding(code0)]
+            for g in range(1, groups):
+                h = cp.model(inputs_embeds=torch.stack(seq, dim=1), use_cache=False).last_hidden_state[:, -1]
+                g_logits = cp.lm_head[g - 1](h).float()
+                code = _sample(g_logits, temperature, top_k, generator)
+                g_lp = torch.log_softmax(g_logits / scale, -1).gather(-1, code.unsqueeze(-1)).squeeze(-1).tolist()
+                for i, b in enumerate(speaks):
+                    logps[b] += g_lp[i]
+                frame.append(code)
+                if g < groups - 1:
+                    seq.append(cp.model.codec_embedding[g - 1](code))
+            frame = torch.stack(frame, dim=1)  # [rows, groups]
+            next_embeds[speaks] = _frame_embeddings(talker, frame)
+            for i, b in enumerate(speaks):
+                scheds[b].add_frame()
+                streams[b].append(("speech", len(frames[b])))
+                frames[b].append(frame[i].tolist())
+                if on_frame is not None:
+                    on_frame(b, len(frames[b]), frames[b])
+                if scheds[b].finished:
+                    active[b] = False
+        if not any(active):
             break
-        # the code predictor fills groups 1..G-1 of this frame
-        frame = [code0]
-        seq = [hidden.unsqueeze(0), talker.model.codec_embedding(torch.tensor([code0], device=device))]
-        for g in range(1, groups):
-            h = cp.model(inputs_embeds=torch.stack(seq, dim=1), use_cache=False).last_hidden_state[:, -1]
-            code = _sample(cp.lm_head[g - 1](h)[0].float(), temperature, top_k, generator)
-            frame.append(code)
-            if g < groups - 1:
-                seq.append(cp.model.codec_embedding[g - 1](torch.tensor([code], device=device)))
-        sched.add_frame()
-        stream.append(("speech", len(frames)))
-        frames.append(frame)
-        if on_frame is not None:  # streaming: the caller may decode what is there so far
-            on_frame(len(frames), frames)
-        hidden = step(_frame_embeddings(talker, torch.tensor([frame], device=device)))
-    while not sched.text_done:  # text the speech never reached still belongs to the stream
-        stream.append(("text", sched.feed_text()))
-    codes = torch.tensor(frames, dtype=torch.long).T if frames else torch.zeros((groups, 0), dtype=torch.long)
+        hidden = step(next_embeds.unsqueeze(1))
+    out = []
+    for b, sc in enumerate(scheds):
+        while not sc.text_done:  # text the speech never reached still belongs to the stream
+            streams[b].append(("text", sc.feed_text()))
+        codes = torch.tensor(frames[b], dtype=torch.long).T if frames[b] else torch.zeros((groups, 0), dtype=torch.long)
+        out.append((codes, streams[b], ended[b], logps[b]))
+    return out
+
+
+def talker_generate(talker, text_embed, text_tokens, speaker: int, rate, temperature: float = 0.0, top_k: int = 0,
+                    seed: int | None = None, max_frames: int | None = None, on_frame=None):
+    """Speak ``text_tokens``: codes ``[groups, frames]`` and the ARIA stream that produced
+    them (one row of `talker_generate_batch`). ``on_frame(n, frames)`` after every frame."""
+    hook = (lambda b, k, frames: on_frame(k, frames)) if on_frame is not None else None
+    codes, stream, _, _ = talker_generate_batch(talker, text_embed, [text_tokens], [speaker], [rate], temperature, top_k, seed, max_frames, hook)[0]
     return codes, stream

@@ -129,9 +129,55 @@ def gspo_loss(
     ``-mean_i min(s_i * A_i, clip(s_i) * A_i)`` with group-normalised advantages ``A_i``.
     Sequences with no response tokens contribute 0 (and still count in the mean, as in TRL).
     """
-    advantages = group_advantages(rewards.to(logps.dtype), group_size, scale=scale_rewards)
-    ratio = torch.exp(sequence_log_ratio(logps, old_logps, mask))
+    return gspo_loss_from_log_ratio(
+        sequence_log_ratio(logps, old_logps, mask), rewards, group_size, (mask.sum(-1) > 0),
+        epsilon_low, epsilon_high, scale_rewards,
+    )
+
+
+def gspo_loss_from_log_ratio(
+    log_ratio: torch.Tensor,
+    rewards: torch.Tensor,
+    group_size: int,
+    has_tokens: torch.Tensor,
+    epsilon_low: float = 3e-4,
+    epsilon_high: float = 4e-4,
+    scale_rewards: bool = True,
+) -> torch.Tensor:
+    """`gspo_loss` from per-sequence length-normalised log ratios ``[batch]`` (for policies
+    whose log-probs come per sequence, e.g. the Talker's: ``(logp - old_logp) / tokens``)."""
+    advantages = group_advantages(rewards.to(log_ratio.dtype), group_size, scale=scale_rewards)
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     objective = torch.minimum(ratio * advantages, clipped * advantages)
-    has_tokens = (mask.sum(-1) > 0).to(logps.dtype)
-    return -(objective * has_tokens).mean()
+    return -(objective * has_tokens.to(log_ratio.dtype)).mean()
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization (Rafailov et al. 2023), sigmoid form as in TRL's
+    ``loss_type="sigmoid"`` with conservative label smoothing.
+
+    Inputs ``[pairs]``: summed log-probabilities of the chosen / rejected sequences under the
+    policy and the frozen reference. With implicit rewards
+    ``r = beta * (log pi - log pi_ref)``, the loss is
+    ``mean(-(1 - eps) log sigmoid(r_c - r_r) - eps log sigmoid(r_r - r_c))``.
+    Returns ``(loss, chosen rewards, rejected rewards)``; a pair is ranked right when its
+    chosen reward exceeds its rejected one (preference accuracy).
+    """
+    import torch.nn.functional as F
+
+    chosen = beta * (policy_chosen - reference_chosen)
+    rejected = beta * (policy_rejected - reference_rejected)
+    margin = chosen - rejected
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses.mean(), chosen.detach(), rejected.detach()

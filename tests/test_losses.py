@@ -70,3 +70,40 @@ def test_response_logits_align_views_with_different_prompt_lengths():
     # the logits that predict response token j sit at position start - 1 + j
     assert torch.equal(ra[0, 0], a[0, 2]) and torch.equal(ra[0, 1], a[0, 3])
     assert torch.equal(rb[0, 0], b[0, 4]) and torch.equal(rb[0, 1], b[0, 5])
+
+
+def test_dpo_loss_matches_hand_computation_and_prefers_the_chosen():
+    import math
+
+    from posttrain.losses import dpo_loss
+
+    pc, pr = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -19.0])
+    rc, rr = torch.tensor([-11.0, -20.0]), torch.tensor([-11.0, -20.0])
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # pair 1: margin 0.5 * ((1) - (-1)) = 1.0; pair 2: 0.5 * (0 - 1) = -0.5
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2
+    assert abs(loss.item() - expected) < 1e-6
+    assert torch.allclose(chosen, torch.tensor([0.5, 0.0])) and torch.allclose(rejected, torch.tensor([-0.5, 0.5]))
+    smooth, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
+    expected_smooth = (0.9 * math.log1p(math.exp(-1.0)) + 0.1 * math.log1p(math.exp(1.0))
+                       + 0.9 * math.log1p(math.exp(0.5)) + 0.1 * math.log1p(math.exp(-0.5))) / 2
+    assert abs(smooth.item() - expected_smooth) < 1e-6
+    # the gradient raises the chosen log-prob and lowers the rejected one
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    dpo_loss(pc, pr, rc, rr, beta=0.5)[0].backward()
+    assert torch.all(pc.grad < 0) and torch.all(pr.grad > 0)
+
+
+def test_gspo_from_sequence_log_ratios_equals_the_token_form():
+    from posttrain.losses import gspo_loss, gspo_loss_from_log_ratio
+
+    g = torch.Generator().manual_seed(0)
+    logps, old = torch.randn(4, 6, generator=g) * 0.01 - 2, torch.randn(4, 6, generator=g) * 0.01 - 2
+    mask = torch.ones(4, 6)
+    mask[1, 4:] = 0
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2])
+    token_form = gspo_loss(logps, old, mask, rewards, group_size=2)
+    sums = ((logps - old) * mask).sum(-1)
+    sequence_form = gspo_loss_from_log_ratio(sums / mask.sum(-1), rewards, 2, mask.sum(-1) > 0)
+    assert torch.allclose(token_form, sequence_form)

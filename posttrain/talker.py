@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ class TalkerBundle:
     voices: list[str]
     rates: dict[str, AriaRate]
     layout: str = "aria"
+    #: held-out (text, voice) pairs the Talker never trained on, for later stages' before -> after
+    held_out: list = field(default_factory=list)
 
     @property
     def talker(self):
@@ -69,6 +71,7 @@ class TalkerBundle:
             "voices": self.voices,
             "rates": {k: {"frames_per_token": r.frames_per_token, "lead": r.lead} for k, r in self.rates.items()},
             "layout": self.layout,
+            "held_out": [[t, v] for t, v in self.held_out],
         }
         with open(os.path.join(tmp, "talker.json"), "w") as fh:
             json.dump(meta, fh, indent=2)
@@ -104,7 +107,8 @@ def load_bundle(path: str) -> TalkerBundle:
     codec = MelRVQCodec.load(os.path.join(path, "codec"))
     check_talker_codec(model, codec, path)
     rates = {k: AriaRate(v["frames_per_token"], v["lead"]) for k, v in meta["rates"].items()}
-    return TalkerBundle(model.eval(), tokenizer, codec, meta["voices"], rates, meta.get("layout", "aria"))
+    held_out = [(str(t), str(v)) for t, v in meta.get("held_out", [])]
+    return TalkerBundle(model.eval(), tokenizer, codec, meta["voices"], rates, meta.get("layout", "aria"), held_out)
 
 
 def speak(bundle: TalkerBundle, text: str, voice: str | int, temperature: float = 0.0, seed: int | None = None, chunk_frames: int = 10) -> SpokenSample:
@@ -136,3 +140,56 @@ def speak(bundle: TalkerBundle, text: str, voice: str | int, temperature: float 
         first_packet_seconds=first_chunk.get("t", decoded - start),
         extra={"frames": int(codes.shape[1])},
     )
+
+
+# --------------------------------------------------------------------------- helpers for the Talker stages
+
+
+def candidate_logps(bundle: TalkerBundle, candidates, voices, temperature: float = 1.0, code_predictor_weight: float = 1.0):
+    """Per-sequence log-probs (`talker_sequence_logps`) of generated candidates (objects with
+    ``codes``, ``stream``, ``ended``) under ``bundle``'s Talker, with its ARIA masks."""
+    from posttrain.models.qwen_omni import talker_sequence_logps, talker_stream_batch
+
+    ids = [bundle.voice_id(v) for v in voices]
+    batch = talker_stream_batch(
+        bundle.talker, bundle.text_embed, [c.stream for c in candidates], [c.codes for c in candidates], ids,
+        rates=[bundle.rate(i) for i in ids], ended=[c.ended for c in candidates],
+    )
+    return talker_sequence_logps(bundle.talker, batch, temperature=temperature, code_predictor_weight=code_predictor_weight)
+
+
+def speak_all(engine, sentences, references=None, temperature: float = 0.0, seed: int = 0):
+    """The engine speaks every ``(text, voice)`` (batched, greedy by default); scored like
+    `posttrain eval tts`. Returns ``(rows, summary, samples)``."""
+    from posttrain.eval_tts import score_speech
+    from posttrain.rollout.speech import SpeechRequest
+
+    completions = engine.generate([SpeechRequest(t, v, temperature, request_id=i) for i, (t, v) in enumerate(sentences)], seed=seed)
+    samples = [
+        SpokenSample(
+            text=c.text, voice=c.voice, wav=c.wav, sample_rate=c.sample_rate,
+            generate_seconds=c.seconds["generate"], decode_seconds=c.seconds["decode"], first_packet_seconds=None,
+            extra={"frames": c.frames},
+        )
+        for c in completions
+    ]
+    rows, summary = score_speech(samples, references)
+    return rows, summary, samples
+
+
+def voice_reference_embeddings(voices: list[str]) -> dict[str, np.ndarray]:
+    """Speaker embeddings of espeak-ng voices on a sentence outside every corpus (the target of
+    speaker similarity for the embedded voices)."""
+    from posttrain.audio.speaker import embed
+    from posttrain.audio.tts import synthesize
+
+    from posttrain.errors import UserError
+
+    out = {}
+    for v in voices:
+        try:
+            wav, sr = synthesize("please read this short reference sentence for the speaker encoder", voice=v, rate=160, sample_rate=16000)
+        except UserError:  # not an espeak-ng voice (a user's speaker): no synthetic reference
+            continue
+        out[v] = embed(wav, sr, f"reference for {v}")
+    return out

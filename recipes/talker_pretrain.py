@@ -45,7 +45,7 @@ from posttrain.models.qwen_omni import (
     thinker_of,
 )
 from posttrain.models.tokenizer import build_embedded_tokenizer
-from posttrain.talker import TalkerBundle, speak
+from posttrain.talker import TalkerBundle, speak, voice_reference_embeddings
 from posttrain.training import batch_indices, make_optimizer, make_scheduler
 
 RECIPE = "talker_pretrain"
@@ -110,6 +110,7 @@ class Config(RunConfig):
     optim: OptimConfig = option(default_factory=OptimConfig, help="optimiser")
     batch_size: int = option(16, "utterances per step", min=1)
     merges: int = option(400, "BPE merges of the embedded tokenizer learned from the corpus (words become single tokens)", min=0)
+    eval_before: bool = option(True, "measure the untrained Talker first (the 'before' of before -> after)")
 
     def validate(self) -> None:
         if self.codec.path != "embedded":
@@ -161,24 +162,12 @@ def evaluate_speech(bundle: TalkerBundle, held_out, references) -> tuple[list[di
     return rows, summary, samples
 
 
-def voice_references(voices: list[str]) -> dict[str, np.ndarray]:
-    """Speaker embeddings of each espeak voice on a sentence outside the corpus."""
-    from posttrain.audio.speaker import embed
-    from posttrain.audio.tts import synthesize
-
-    out = {}
-    for v in voices:
-        wav, sr = synthesize("please read this short reference sentence for the speaker encoder", voice=v, rate=160, sample_rate=16000)
-        out[v] = embed(wav, sr, f"reference for {v}")
-    return out
-
-
 def load_speech(cfg: Config, codec):
     """(train, held-out, voice names, speaker reference embeddings, tokenizer texts)."""
     if cfg.data.path == "embedded":
         train, held_out = embedded_corpus(codec, cache_root(), cfg.data.voices, cfg.data.train_size, cfg.data.eval_size, seed=cfg.seed)
         rng = random.Random(cfg.seed)
-        return train, held_out, list(cfg.data.voices), voice_references(cfg.data.voices), [make_sentence(rng) for _ in range(3000)]
+        return train, held_out, list(cfg.data.voices), voice_reference_embeddings(cfg.data.voices), [make_sentence(rng) for _ in range(3000)]
     user = load_user_speech(
         cfg.data.path, codec, cache_root(), on_bad=cfg.data.on_bad, min_seconds=cfg.data.min_seconds,
         max_seconds=cfg.data.max_seconds, alignment=cfg.data.alignment, asr_language=cfg.data.language,
@@ -231,7 +220,7 @@ def run(cfg: Config) -> RunResult:
     slots = speaker_slots(talker)
     if len(voices) > slots:
         raise ConfigError(f"config key 'data.path': {len(voices)} speakers but the Talker has {slots} speaker slots; raise talker.codebook_size or merge speakers")
-    bundle = TalkerBundle(model, tokenizer, codec, list(voices), named_rates, cfg.layout)
+    bundle = TalkerBundle(model, tokenizer, codec, list(voices), named_rates, cfg.layout, [(u.text, voices[u.voice]) for u in held_out])
     print(f"talker: {sum(p.numel() for p in talker.parameters()) / 1e6:.2f}M parameters", flush=True)
 
     optimizer = make_optimizer(talker, cfg.optim.lr)
@@ -243,6 +232,9 @@ def run(cfg: Config) -> RunResult:
         run_dir.rewind(start_step)
         print(f"resumed from {checkpoint} (step {start_step})", flush=True)
     before = run_dir.load_json("before.json")
+    if before is None and not cfg.eval_before:
+        before = {"loss": mean_loss(talker, embed, held_out, held_streams, cfg), "wer": None, "speaker_similarity": None, "f0_range": None}
+        run_dir.save_json("before.json", before)
     if before is None:
         _, summary, _ = evaluate_speech(bundle, held_out, references)
         before = {"loss": mean_loss(talker, embed, held_out, held_streams, cfg), **summary}
@@ -338,3 +330,43 @@ def run(cfg: Config) -> RunResult:
         "eval": summary,
     }
     return run_dir.finish(targets, extra=extra)
+
+
+# --------------------------------------------------------------------------- cached checkpoints
+
+#: bump when the embedded pretraining changes, so cached Talkers are rebuilt
+CHECKPOINT_VERSION = 1
+
+
+def embedded_checkpoint(steps: int, seed: int = 0, overrides: list[str] | None = None) -> str:
+    """The ``talker/`` folder of an embedded ``talker_pretrain`` run of ``steps`` steps (short
+    stage only), built once and cached: the start of the later Talker stages (an early,
+    imperfect checkpoint leaves them room to improve)."""
+    import hashlib
+    import shutil
+
+    from posttrain.config import load_config
+    from recipes import defaults_path
+
+    overrides = list(overrides or [])
+    key = hashlib.sha1(f"{CHECKPOINT_VERSION}|{steps}|{seed}|{overrides}".encode()).hexdigest()[:10]
+    folder = os.path.join(cache_root(), "talker", f"pretrain-{steps}-{key}")
+    talker_dir = os.path.join(folder, "talker")
+    if os.path.exists(os.path.join(talker_dir, "talker.json")):
+        return talker_dir
+    print(f"building the embedded Talker start ({steps} pretraining steps; cached in {folder})", flush=True)
+    work = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = load_config(Config, defaults_path(RECIPE), [
+        f"max_steps={steps}", "long_context.steps=0", "save_every=0", "eval_before=false", f"seed={seed}",
+        f"output_dir={work}", "run_name=build", *overrides,
+    ])
+    result = run(cfg)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(work + "-done")
+    shutil.move(os.path.join(result.run_dir, "talker"), os.path.join(work + "-done", "talker"))
+    shutil.copy(os.path.join(result.run_dir, "summary.json"), os.path.join(work + "-done", "summary.json"))
+    os.rename(work + "-done", folder)
+    shutil.rmtree(work, ignore_errors=True)
+    return talker_dir

@@ -144,7 +144,7 @@ def test_synthesize_cli_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys,
     assert not (tmp_path / "out.jsonl").exists()
 
 
-@pytest.mark.parametrize("tool", ["synthesize_speech", "add_timestamps", "make_conversations", "aria_interleave"])
+@pytest.mark.parametrize("tool", ["synthesize_speech", "add_timestamps", "make_conversations", "aria_interleave", "build_preference_pairs"])
 def test_every_tool_has_help(tool):
     proc = subprocess.run([sys.executable, "-m", f"data_tools.{tool}", "--help"], capture_output=True,
                           text=True, cwd=REPO, timeout=120)

@@ -1,0 +1,68 @@
+"""What the Talker alignment stages (talker_dpo, talker_gspo, talker_speaker_ft) share: the
+starting Talker, prompts outside its held-out set, the held-out split, what trains."""
+
+from __future__ import annotations
+
+import random
+
+from posttrain.errors import DataError
+
+
+def resolve_talker(path: str, pretrain_steps: int, seed: int = 0) -> str:
+    """A Talker folder: ``path`` itself, or for ``"embedded"`` an early ``talker_pretrain``
+    checkpoint of ``pretrain_steps`` steps (built once and cached)."""
+    if path != "embedded":
+        return path
+    from recipes.talker_pretrain import embedded_checkpoint
+
+    return embedded_checkpoint(pretrain_steps, seed=seed)
+
+
+def training_prompts(bundle, n: int, seed: int, salt: str = "prompts") -> list[tuple[str, str]]:
+    """``n`` (sentence, voice) prompts of the embedded grammar outside the Talker's held-out set."""
+    from posttrain.data.speech_corpus import make_sentence
+
+    held = {t for t, _ in bundle.held_out}
+    rng = random.Random(f"{salt}-{seed}")
+    out = []
+    while len(out) < n:
+        s = make_sentence(rng)
+        if s not in held:
+            out.append((s, bundle.voices[rng.randrange(len(bundle.voices))]))
+    return out
+
+
+def split_held_out(bundle, n_eval_sentences: int, n_pair_prompts: int = 0) -> tuple[list, list]:
+    """Held-out (sentence, voice) pairs for the WER, and held-out prompts for other held-out
+    measurements (disjoint sentences when there are enough; none was ever trained on)."""
+    held = list(bundle.held_out)
+    if not held:
+        raise DataError("the Talker has no held-out sentences (talker.json 'held_out'); train it with talker_pretrain")
+    wer_set = held[:n_eval_sentences]
+    rest = held[n_eval_sentences:] or held
+    voices = bundle.voices
+    prompts = [(rest[i % len(rest)][0], voices[(i // len(rest) + i) % len(voices)]) for i in range(n_pair_prompts)]
+    return wer_set, prompts
+
+
+def make_trainable(bundle, code_predictor: bool = True):
+    """Freeze everything but the Talker (and, unless told otherwise, its code predictor)."""
+    talker = bundle.talker
+    for p in bundle.model.parameters():
+        p.requires_grad_(False)
+    for p in talker.parameters():
+        p.requires_grad_(True)
+    if not code_predictor:
+        for p in talker.code_predictor.parameters():
+            p.requires_grad_(False)
+    return talker
+
+
+def frozen_copy(bundle):
+    import copy
+
+    ref = copy.deepcopy(bundle)
+    ref.model.eval()
+    for p in ref.model.parameters():
+        p.requires_grad_(False)
+    return ref

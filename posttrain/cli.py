@@ -80,7 +80,7 @@ def cmd_eval(args) -> int:
     from posttrain.errors import DataError
     from posttrain.eval_tts import format_summary, score_speech, write_report
     from posttrain.logging import quiet_libraries
-    from posttrain.talker import load_bundle, speak
+    from posttrain.talker import load_bundle, speak, voice_reference_embeddings
 
     if args.eval_cmd != "tts":
         print("usage: posttrain eval tts --talker PATH [--sentences FILE] [--voice NAME] [--output DIR]")
@@ -94,16 +94,27 @@ def cmd_eval(args) -> int:
             sentences = [line.strip() for line in fh if line.strip()]
         if not sentences:
             raise DataError(f"{args.sentences}: no sentences (one per line)")
+    elif bundle.held_out:  # sentences the Talker never trained on
+        sentences = [t for t, _ in bundle.held_out][: args.n]
     else:
         from posttrain.data.speech_corpus import make_sentence
 
         rng = random.Random(12345)
         sentences = [make_sentence(rng) for _ in range(args.n)]
-    voices = [args.voice] if args.voice else bundle.voices
-    samples = [speak(bundle, text, voices[i % len(voices)]) for i, text in enumerate(sentences)]
-    from recipes.talker_pretrain import voice_references
+    references = voice_reference_embeddings(bundle.voices)
+    if args.voice and args.voice not in bundle.voices:  # a fine-tuned voice adapter, by name or path
+        import numpy as np
 
-    rows, summary = score_speech(samples, voice_references(bundle.voices))
+        from posttrain.voices import apply_voice, voice_path
+
+        apply_voice(bundle, args.talker, args.voice)
+        name = bundle.voices[-1] if args.voice not in bundle.voices else args.voice
+        references[name] = np.load(os.path.join(voice_path(args.voice), "reference.npy"))
+        voices = [name]
+    else:
+        voices = [args.voice] if args.voice else bundle.voices
+    samples = [speak(bundle, text, voices[i % len(voices)]) for i, text in enumerate(sentences)]
+    rows, summary = score_speech(samples, references)
     out = args.output or os.path.join(args.talker, "..", "eval_tts")
     path = write_report(out, rows, summary, samples)
     with open(path, encoding="utf-8") as fh:
@@ -136,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     tts.add_argument("--talker", required=True, help="a Talker folder (the 'talker' folder of a talker_pretrain run)")
     tts.add_argument("--sentences", help="a text file, one sentence per line (default: held-out sentences of the embedded grammar)")
     tts.add_argument("--n", type=int, default=10, help="how many default sentences")
-    tts.add_argument("--voice", help="speak every sentence in this voice (default: cycle through the Talker's voices)")
+    tts.add_argument("--voice", help="speak every sentence in this voice: one of the Talker's, or a voice adapter from talker_speaker_ft (name or folder); default: cycle through the Talker's voices")
     tts.add_argument("--output", help="folder for the table and example wavs")
     ev.set_defaults(func=cmd_eval)
     return parser

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,6 +73,7 @@ class TalkerBundle:
             "rates": {k: {"frames_per_token": r.frames_per_token, "lead": r.lead} for k, r in self.rates.items()},
             "layout": self.layout,
             "held_out": [[t, v] for t, v in self.held_out],
+            "id": uuid.uuid4().hex,  # voice adapters record the exact base they were trained on
         }
         with open(os.path.join(tmp, "talker.json"), "w") as fh:
             json.dump(meta, fh, indent=2)
@@ -93,8 +95,9 @@ def check_talker_codec(model, codec, where: str) -> None:
         raise ModelError(f"{where}: the Talker's codebooks have {size} entries but its codec has {codec.codebook_size} (codec.codebook_size); they were saved from different runs")
 
 
-def load_bundle(path: str) -> TalkerBundle:
-    """A Talker bundle saved by `TalkerBundle.save` (weights as safetensors, no remote code)."""
+def load_bundle(path: str, voice: str | None = None) -> TalkerBundle:
+    """A Talker bundle saved by `TalkerBundle.save` (weights as safetensors, no remote code);
+    ``voice``: a voice adapter (name in the voice library, or folder) applied on top."""
     from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
 
     meta_path = os.path.join(path, "talker.json")
@@ -108,7 +111,12 @@ def load_bundle(path: str) -> TalkerBundle:
     check_talker_codec(model, codec, path)
     rates = {k: AriaRate(v["frames_per_token"], v["lead"]) for k, v in meta["rates"].items()}
     held_out = [(str(t), str(v)) for t, v in meta.get("held_out", [])]
-    return TalkerBundle(model.eval(), tokenizer, codec, meta["voices"], rates, meta.get("layout", "aria"), held_out)
+    bundle = TalkerBundle(model.eval(), tokenizer, codec, meta["voices"], rates, meta.get("layout", "aria"), held_out)
+    if voice is not None and voice not in bundle.voices:
+        from posttrain.voices import apply_voice
+
+        apply_voice(bundle, path, voice)
+    return bundle
 
 
 def speak(bundle: TalkerBundle, text: str, voice: str | int, temperature: float = 0.0, seed: int | None = None, chunk_frames: int = 10) -> SpokenSample:

@@ -40,3 +40,17 @@ def run_cli(*args, cwd=None, timeout=600):
         env=dict(os.environ),
     )
     return proc.returncode, proc.stdout, proc.stderr
+
+
+TINY_PRETRAIN = [
+    "batch_size=4", "data.train_size=48", "data.eval_size=6", "data.voices=[en-us, en-gb]",
+    "talker.hidden_size=64", "talker.num_layers=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_talker(posttrain_cache):
+    """A tiny Talker folder from a 10-step talker_pretrain run (built once per session)."""
+    from recipes.talker_pretrain import embedded_checkpoint
+
+    return embedded_checkpoint(10, overrides=TINY_PRETRAIN)

@@ -9,19 +9,6 @@ import torch
 from posttrain.config import load_config
 from recipes import defaults_path, load_recipe
 
-TINY_PRETRAIN = [
-    "batch_size=4", "data.train_size=48", "data.eval_size=6", "data.voices=[en-us, en-gb]",
-    "talker.hidden_size=64", "talker.num_layers=1",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_talker():
-    from recipes.talker_pretrain import embedded_checkpoint
-
-    return embedded_checkpoint(10, overrides=TINY_PRETRAIN)
-
-
 def _pairs_from_random_talker(bundle, n=6):
     from posttrain.data.preference_pairs import Candidate, PreferencePair
     from posttrain.models.qwen_omni import talker_generate_batch

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from posttrain.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.config import RewardConfig, RunConfig, option
-from posttrain.data.preference_pairs import build_pairs, load_pairs, save_pairs, split_pairs
+from posttrain.data.preference_pairs import build_pairs, load_pairs, save_pairs
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval_tts import format_summary, write_report
 from posttrain.logging import Run, RunResult, format_metrics, quiet_libraries

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from posttrain.data.aria import AriaRate, check_stream
-from posttrain.errors import ConfigError, DataError, UserError
+from posttrain.errors import ConfigError, DataError
 from posttrain.models.codec import MelRVQConfig, embedded_codec
 
 SENTENCES = [
@@ -162,7 +162,6 @@ def test_aria_interleave_writes_checked_streams_and_codec_mismatch_is_refused(re
 
 def test_talker_bundle_with_a_codec_of_other_settings_is_refused(tmp_path, codec):
     from posttrain.errors import ModelError
-    from posttrain.models.codec import MelRVQCodec
     from posttrain.models.qwen_omni import TinyTalkerSpec, TinyThinkerSpec, build_tiny_omni
     from posttrain.models.tokenizer import build_embedded_tokenizer
     from posttrain.talker import TalkerBundle, load_bundle

@@ -9,7 +9,6 @@ they can be inspected, saved as jsonl and trained on later without sampling agai
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -120,10 +119,3 @@ def load_pairs(path: str, voices: list[str] | None = None) -> list[PreferencePai
             raise DataError(f"{where}: voice {row['voice']!r} is not one of this Talker's voices ({', '.join(voices)})")
         out.append(PreferencePair(row["text"], row["voice"], Candidate.from_json(row["chosen"], where), Candidate.from_json(row["rejected"], where)))
     return out
-
-
-def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    k = max(1, int(round(len(pairs) * eval_fraction))) if pairs else 0
-    return [pairs[i] for i in order[k:]], [pairs[i] for i in order[:k]]

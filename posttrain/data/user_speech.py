@@ -26,7 +26,6 @@ import difflib
 import hashlib
 import json
 import os
-import re
 import unicodedata
 from dataclasses import dataclass, field
 

@@ -24,7 +24,9 @@ import torch
 
 from posttrain.errors import ModelError
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Attention and MLP projections of the Talker and its code predictor, the Talker's codec head
+#: and the code predictor's per-codebook heads (a new voice's codes need new mappings there).
+LORA_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$|.*codec_head$|.*lm_head\.\d+$"
 
 
 def voices_root() -> str:

@@ -89,6 +89,7 @@ class LongContextConfig:
     lengths: list[int] = option([2, 4], "curriculum: utterances joined per stream, stage by stage")
     batch_size: int = option(4, "long streams per step", min=1)
     lr: float = option(5e-4, "learning rate of the continual stage", min=0.0)
+    replay: int = option(4, "short training streams replayed in every long batch (0 = none)", min=0)
 
 
 @dataclass
@@ -184,6 +185,54 @@ def load_speech(cfg: Config, codec):
     return train, held_out, user.speakers, user.references, [u.text for u in user.utterances]
 
 
+def joined(utterances, k: int, seed: int, pause):
+    """Streams of ``k`` utterances of one voice joined by a pause (long-context data)."""
+    by_voice = {}
+    for u in utterances:
+        by_voice.setdefault(u.voice, []).append(u)
+    out = []
+    for voice, us in sorted(by_voice.items()):
+        for i in range(0, len(us) - k + 1, k):
+            out.append(concat_utterances(us[i : i + k], pause))
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def continual_pretrain(talker, embed, train, train_streams, tokenizer, rates, pause, cfg, log) -> None:
+    """Long-context continual pretraining: stage by stage through ``long_context.lengths``
+    (utterances joined per stream), each batch of long streams joined by
+    ``long_context.replay`` short training streams, so the Talker lengthens its context
+    without forgetting single utterances."""
+    lc = cfg.long_context
+    if not (lc.steps and lc.lengths):
+        return
+    opt = make_optimizer(talker, lc.lr)
+    per_stage = max(1, lc.steps // len(lc.lengths))
+    step = cfg.max_steps
+    for k in lc.lengths:
+        pool = joined(train[: max(200, lc.batch_size * k * 10)], k, cfg.seed + k, pause)
+        pool_streams = make_streams(pool, tokenizer, rates, cfg.layout)
+        for s in tqdm(range(per_stage), desc=f"long context x{k}", leave=False):
+            idx = batch_indices(len(pool), lc.batch_size, cfg.seed + k, s)
+            streams = [pool_streams[i] for i in idx]
+            codes = [pool[i].codes for i in idx]
+            voices = [pool[i].voice for i in idx]
+            if lc.replay:
+                short = batch_indices(len(train), lc.replay, cfg.seed + 1000 + k, s)
+                streams += [train_streams[i] for i in short]
+                codes += [train[i].codes for i in short]
+                voices += [train[i].voice for i in short]
+            l0, l1 = talker_losses(talker, talker_stream_batch(talker, embed, streams, codes, voices))
+            loss = l0 + cfg.loss.code_predictor_weight * l1
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(talker.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg.log_every == 0:
+                log(step, {f"loss/long_x{k}": loss.item()})
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -266,42 +315,11 @@ def run(cfg: Config) -> RunResult:
     # 4. Stage 2: long-context continual pretraining with a length curriculum.
     pause = silence_codes(codec, 3)
     longest = max(cfg.long_context.lengths) if cfg.long_context.lengths else 1
-
-    def joined(utterances, k, seed):
-        by_voice = {}
-        for u in utterances:
-            by_voice.setdefault(u.voice, []).append(u)
-        r = random.Random(seed)
-        out = []
-        for voice, us in sorted(by_voice.items()):
-            for i in range(0, len(us) - k + 1, k):
-                out.append(concat_utterances(us[i : i + k], pause))
-        r.shuffle(out)
-        return out
-
-    long_held = joined(held_out, longest, cfg.seed)
+    long_held = joined(held_out, longest, cfg.seed, pause)
     long_held_streams = make_streams(long_held, tokenizer, rates, cfg.layout)
     loss_1x_before_long = mean_loss(talker, embed, held_out, held_streams, cfg)
     loss_long_before = mean_loss(talker, embed, long_held, long_held_streams, cfg, batch_size=2) if long_held else None
-    if cfg.long_context.steps and cfg.long_context.lengths:
-        opt2 = make_optimizer(talker, cfg.long_context.lr)
-        per_stage = max(1, cfg.long_context.steps // len(cfg.long_context.lengths))
-        step = cfg.max_steps
-        for k in cfg.long_context.lengths:
-            pool = joined(train[: max(200, cfg.long_context.batch_size * k * 10)], k, cfg.seed + k)
-            pool_streams = make_streams(pool, tokenizer, rates, cfg.layout)
-            for s in tqdm(range(per_stage), desc=f"long context x{k}", leave=False):
-                idx = batch_indices(len(pool), cfg.long_context.batch_size, cfg.seed + k, s)
-                batch = talker_stream_batch(talker, embed, [pool_streams[i] for i in idx], [pool[i].codes for i in idx], [pool[i].voice for i in idx])
-                l0, l1 = talker_losses(talker, batch)
-                loss = l0 + cfg.loss.code_predictor_weight * l1
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(talker.parameters(), cfg.optim.grad_clip)
-                opt2.step()
-                opt2.zero_grad(set_to_none=True)
-                step += 1
-                if step % cfg.log_every == 0:
-                    run_dir.log(step, {f"loss/long_x{k}": loss.item()})
+    continual_pretrain(talker, embed, train, train_streams, tokenizer, rates, pause, cfg, run_dir.log)
     loss_1x = mean_loss(talker, embed, held_out, held_streams, cfg)
     loss_long = mean_loss(talker, embed, long_held, long_held_streams, cfg, batch_size=2) if long_held else None
     print(

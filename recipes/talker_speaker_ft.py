@@ -117,26 +117,29 @@ class Config(RunConfig):
 
 
 def embedded_recordings(cfg: Config, held_texts: set[str]) -> str:
-    """Recordings of an espeak-ng voice the Talker never heard, synthesised once and cached:
-    whole sentences (not word by word), so alignment goes through the ASR as for user data."""
+    """Recordings of an espeak-ng voice the Talker never heard, made once and cached as WAV
+    files + a jsonl of audio + text rows. Spoken word by word like the embedded pretraining
+    corpus (a Talker pretrained on isolated-word speech does not model continuous speech),
+    but aligned by the ASR like any user's recordings: no word times are passed on."""
     import random
 
-    from data_tools.synthesize_speech import synthesize_dataset
-    from posttrain.data.speech_corpus import make_sentence
+    from posttrain.audio.io import save_wav
+    from posttrain.data.speech_corpus import make_sentence, speak_word_by_word
 
-    folder = os.path.join(cache_root(), "speech", f"speaker-ft-{cfg.data.voice.replace('+', '_')}-{cfg.data.clips}-s{cfg.seed}")
+    folder = os.path.join(cache_root(), "speech", f"speaker-ft-{cfg.data.voice.replace('+', '_')}-{cfg.data.clips}-s{cfg.seed}-v2")
     path = os.path.join(folder, "recordings.jsonl")
     if os.path.exists(path):
         return path
     rng = random.Random(f"{RECIPE}-{cfg.seed}")
     rows = []
-    while len(rows) < cfg.data.clips:
+    for i in tqdm(range(cfg.data.clips), desc=f"recording the target voice {cfg.data.voice} (cached)", leave=False):
         s = make_sentence(rng)
-        if s not in held_texts:
-            rows.append({"text": s})
-    spoken = synthesize_dataset(rows, folder, field="text", voices=[cfg.data.voice], rates=[150, 160, 170], pitches=[50],
-                                seed=cfg.seed, relative_to=folder, progress=False)
-    write_jsonl(path, [{"audio": r["audio"], "text": r["text"], "speaker": cfg.voice.name} for r in spoken])
+        while s in held_texts:
+            s = make_sentence(rng)
+        wav, _ = speak_word_by_word(s, cfg.data.voice, rate=rng.choice([150, 160, 170]))
+        save_wav(os.path.join(folder, f"{i:04d}.wav"), wav, 16000)
+        rows.append({"audio": f"{i:04d}.wav", "text": s, "speaker": cfg.voice.name})
+    write_jsonl(path, rows)
     return path
 
 

@@ -27,19 +27,9 @@ SENTENCES = [
 
 def _recording(sentence: str, voice: str) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Words spoken one by one and joined, so the true word times are known."""
-    import librosa
+    from posttrain.data.speech_corpus import speak_word_by_word
 
-    from posttrain.audio.tts import synthesize
-
-    parts, times, t = [np.zeros(3200, np.float32)], [], 0.2
-    for w in sentence.split():
-        wav, _ = synthesize(w, voice=voice, rate=160, sample_rate=16000)
-        wav, _ = librosa.effects.trim(wav, top_db=35)
-        times.append((t, t + len(wav) / 16000))
-        t += len(wav) / 16000 + 0.08
-        parts += [wav, np.zeros(1280, np.float32)]
-    parts.append(np.zeros(3200, np.float32))
-    return np.concatenate(parts), times
+    return speak_word_by_word(sentence, voice, pause_seconds=0.08, edge_seconds=0.2)
 
 
 @pytest.fixture(scope="module")

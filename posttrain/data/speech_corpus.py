@@ -77,6 +77,30 @@ def encode_word_clips(codec, voices: list[str], rate: int = 160) -> dict[tuple[i
     return out
 
 
+def speak_word_by_word(sentence: str, voice: str, sample_rate: int = 16000, rate: int = 160, pause_seconds: float = 0.06,
+                       edge_seconds: float = 0.1) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """A sentence spoken one word at a time by espeak-ng and joined with short pauses, as the
+    embedded corpus speaks; returns the waveform and each word's (start, end) in seconds."""
+    import librosa
+
+    from posttrain.audio.tts import synthesize
+
+    edge = np.zeros(int(edge_seconds * sample_rate), np.float32)
+    pause = np.zeros(int(pause_seconds * sample_rate), np.float32)
+    parts, times, t = [edge], [], edge_seconds
+    for i, word in enumerate(sentence.split()):
+        if i:
+            parts.append(pause)
+            t += pause_seconds
+        wav, _ = synthesize(word, voice=voice, rate=rate, sample_rate=sample_rate)
+        wav, _ = librosa.effects.trim(wav, top_db=35)
+        times.append((t, t + len(wav) / sample_rate))
+        t += len(wav) / sample_rate
+        parts.append(wav.astype(np.float32))
+    parts.append(edge)
+    return np.concatenate(parts), times
+
+
 def silence_codes(codec, frames: int) -> torch.Tensor:
     """Codes of ``frames`` frames of (near) silence."""
     wav = np.random.default_rng(0).normal(0, 1e-4, size=(frames + 2) * codec.samples_per_frame).astype(np.float32)

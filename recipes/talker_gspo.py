@@ -55,7 +55,7 @@ class PolicyConfig:
 class GSPOConfig:
     prompts_per_step: int = option(8, "sentences per rollout batch", min=1)
     num_generations: int = option(4, "utterances sampled per sentence (the group of the advantage)", min=2)
-    steps_per_generation: int = option(2, "optimiser steps per rollout batch (mini-batches of whole groups)", min=1)
+    steps_per_generation: int = option(1, "optimiser steps per rollout batch (mini-batches of whole groups)", min=1)
     temperature: float = option(0.5, "sampling temperature of the rollouts", min=0.01)
     epsilon: float = option(3e-4, "lower clipping range of the sequence ratio (GSPO paper: 3e-4)", min=0.0)
     epsilon_high: float = option(4e-4, "upper clipping range (GSPO paper: 4e-4)", min=0.0)
@@ -81,8 +81,8 @@ class OptimConfig:
 def _default_rewards() -> list[RewardConfig]:
     return [
         RewardConfig("wer", 1.0, {"transform": "1-wer"}),
-        RewardConfig("prosody", 0.5),
-        RewardConfig("speaker_similarity", 0.25),
+        RewardConfig("prosody", 0.25),
+        RewardConfig("speaker_similarity", 0.1),
     ]
 
 

@@ -89,7 +89,7 @@ class LongContextConfig:
     lengths: list[int] = option([2, 4], "curriculum: utterances joined per stream, stage by stage")
     batch_size: int = option(4, "long streams per step", min=1)
     lr: float = option(5e-4, "learning rate of the continual stage", min=0.0)
-    replay: int = option(4, "short training streams replayed in every long batch (0 = none)", min=0)
+    replay: int = option(0, "short training streams replayed in every long batch (0 = none)", min=0)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from posttrain.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aria_interleave", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(prog="python -m data_tools.aria_interleave", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--input", required=True, help="jsonl of audio + text (+ speaker, words) rows")
     p.add_argument("--output", required=True, help="jsonl to write (plus OUTPUT.rates.json)")
     p.add_argument("--codec", default="embedded", help="'embedded' (mel RVQ, built and cached) or a codec folder / Talker folder")

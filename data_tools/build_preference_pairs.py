@@ -27,7 +27,7 @@ from posttrain.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="build_preference_pairs", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(prog="python -m data_tools.build_preference_pairs", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--talker", required=True, help="a Talker folder (the 'talker' folder of a talker_pretrain / talker_dpo run)")
     p.add_argument("--output", required=True, help="jsonl of pairs to write")
     p.add_argument("--sentences", default="", help="text file: one sentence per line (optionally sentence<TAB>voice)")

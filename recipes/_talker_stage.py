@@ -3,9 +3,45 @@ starting Talker, prompts outside its held-out set, the held-out split, what trai
 
 from __future__ import annotations
 
+import os
 import random
+from dataclasses import dataclass
 
-from posttrain.errors import DataError
+import torch
+
+from posttrain.config import option
+from posttrain.errors import ConfigError, DataError
+
+
+@dataclass
+class TalkerPolicyConfig:
+    """The Talker an alignment stage starts from and what it trains."""
+
+    path: str = option("embedded", "a Talker folder (the 'talker' folder of a talker_pretrain run) or 'embedded' (an early talker_pretrain checkpoint, built once and cached)")
+    pretrain_steps: int = option(150, "embedded start: talker_pretrain steps (early and imperfect, so there is room to improve)", min=1)
+    train: str = option("talker", "what trains: the Talker and its code predictor (talker) or the Talker alone (talker_only)", choices=["talker", "talker_only"])
+
+    def check(self) -> None:
+        if self.path != "embedded" and not os.path.isdir(self.path):
+            raise ConfigError(f"config key 'policy.path': {self.path!r} is not a folder; give a Talker folder or 'embedded'")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and gradient clipping (each recipe's YAML sets its values)."""
+
+    lr: float = option(1e-4, "learning rate", min=0.0)
+    warmup_steps: int = option(5, "warm-up steps", min=0)
+    grad_clip: float = option(1.0, "gradient norm clip", min=0.0)
+
+
+def optimizer_step(loss: torch.Tensor, params, optimizer, scheduler, grad_clip: float) -> None:
+    """Backward, clip, step, schedule, zero."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def resolve_talker(path: str, pretrain_steps: int, seed: int = 0) -> str:

@@ -40,16 +40,9 @@ from posttrain.registry import RewardSet
 from posttrain.rollout.speech import TalkerEngine
 from posttrain.talker import candidate_logps, load_bundle, speak_all, voice_reference_embeddings
 from posttrain.training import make_optimizer, make_scheduler
-from recipes._talker_stage import frozen_copy, make_trainable, resolve_talker, split_held_out, training_prompts
+from recipes._talker_stage import OptimConfig, TalkerPolicyConfig, optimizer_step, frozen_copy, make_trainable, resolve_talker, split_held_out, training_prompts
 
 RECIPE = "talker_dpo"
-
-
-@dataclass
-class PolicyConfig:
-    path: str = option("embedded", "a Talker folder (the 'talker' folder of a talker_pretrain run) or 'embedded' (an early talker_pretrain checkpoint, built once and cached)")
-    pretrain_steps: int = option(150, "embedded start: talker_pretrain steps (early and imperfect, so there is room to improve)", min=1)
-    train: str = option("talker", "what DPO updates: the Talker and its code predictor (talker) or the Talker alone (talker_only)", choices=["talker", "talker_only"])
 
 
 @dataclass
@@ -77,20 +70,13 @@ class EvalConfig:
     sentences: int = option(20, "held-out sentences spoken greedily for the WER (from the Talker's held-out set)", min=1)
 
 
-@dataclass
-class OptimConfig:
-    lr: float = option(2e-5, "learning rate", min=0.0)
-    warmup_steps: int = option(5, "warm-up steps", min=0)
-    grad_clip: float = option(1.0, "gradient norm clip", min=0.0)
-
-
 def _default_rewards() -> list[RewardConfig]:
     return [RewardConfig("wer", 1.0, {"transform": "1-wer"}), RewardConfig("prosody", 0.5)]
 
 
 @dataclass
 class Config(RunConfig):
-    policy: PolicyConfig = option(default_factory=PolicyConfig, help="the Talker to align")
+    policy: TalkerPolicyConfig = option(default_factory=TalkerPolicyConfig, help="the Talker to align")
     pairs: PairsConfig = option(default_factory=PairsConfig, help="preference pairs")
     dpo: DPOConfig = option(default_factory=DPOConfig, help="DPO loss")
     eval: EvalConfig = option(default_factory=EvalConfig, help="held-out evaluation")
@@ -101,8 +87,7 @@ class Config(RunConfig):
     def validate(self) -> None:
         if not self.rewards:
             raise ConfigError("config key 'rewards': give at least one reward plugin to rank candidates, e.g. rewards=[{name: wer}]")
-        if self.policy.path != "embedded" and not os.path.isdir(self.policy.path):
-            raise ConfigError(f"config key 'policy.path': {self.policy.path!r} is not a folder; give a Talker folder or 'embedded'")
+        self.policy.check()
         for key in ("path", "eval_path"):
             value = getattr(self.pairs, key)
             if value and not os.path.exists(value):
@@ -231,11 +216,7 @@ def run(cfg: Config) -> RunResult:
         loss, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
         if cfg.dpo.sft_weight:
             loss = loss + cfg.dpo.sft_weight * (-(pc / tokens.clamp_min(1))).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(talker.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, talker.parameters(), optimizer, scheduler, cfg.optim.grad_clip)
         accuracy = float((chosen_r > rejected_r).float().mean())
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}", refresh=False)
         done = step + 1

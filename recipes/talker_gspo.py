@@ -39,16 +39,9 @@ from posttrain.registry import RewardSet
 from posttrain.rollout.speech import SpeechRequest, TalkerEngine, score_completions
 from posttrain.talker import candidate_logps, load_bundle, speak_all, voice_reference_embeddings
 from posttrain.training import make_optimizer, make_scheduler
-from recipes._talker_stage import frozen_copy, make_trainable, resolve_talker, split_held_out, training_prompts
+from recipes._talker_stage import OptimConfig, TalkerPolicyConfig, optimizer_step, frozen_copy, make_trainable, resolve_talker, split_held_out, training_prompts
 
 RECIPE = "talker_gspo"
-
-
-@dataclass
-class PolicyConfig:
-    path: str = option("embedded", "a Talker folder (the 'talker' folder of a talker_pretrain run) or 'embedded' (an early talker_pretrain checkpoint, built once and cached)")
-    pretrain_steps: int = option(150, "embedded start: talker_pretrain steps (early and imperfect, so there is room to improve)", min=1)
-    train: str = option("talker", "what GSPO updates: the Talker and its code predictor (talker) or the Talker alone (talker_only)", choices=["talker", "talker_only"])
 
 
 @dataclass
@@ -71,13 +64,6 @@ class EvalConfig:
     examples: int = option(2, "example wavs saved per evaluation", min=0)
 
 
-@dataclass
-class OptimConfig:
-    lr: float = option(1e-4, "learning rate", min=0.0)
-    warmup_steps: int = option(2, "warm-up steps", min=0)
-    grad_clip: float = option(1.0, "gradient norm clip", min=0.0)
-
-
 def _default_rewards() -> list[RewardConfig]:
     return [
         RewardConfig("wer", 1.0, {"transform": "1-wer"}),
@@ -88,7 +74,7 @@ def _default_rewards() -> list[RewardConfig]:
 
 @dataclass
 class Config(RunConfig):
-    policy: PolicyConfig = option(default_factory=PolicyConfig, help="the Talker to train")
+    policy: TalkerPolicyConfig = option(default_factory=TalkerPolicyConfig, help="the Talker to train")
     gspo: GSPOConfig = option(default_factory=GSPOConfig, help="GSPO")
     eval: EvalConfig = option(default_factory=EvalConfig, help="held-out evaluation")
     optim: OptimConfig = option(default_factory=OptimConfig, help="optimiser")
@@ -98,8 +84,7 @@ class Config(RunConfig):
     def validate(self) -> None:
         if not self.rewards:
             raise ConfigError("config key 'rewards': give at least one reward plugin, e.g. rewards=[{name: wer}]")
-        if self.policy.path != "embedded" and not os.path.isdir(self.policy.path):
-            raise ConfigError(f"config key 'policy.path': {self.policy.path!r} is not a folder; give a Talker folder or 'embedded'")
+        self.policy.check()
         if self.max_steps % self.gspo.steps_per_generation:
             raise ConfigError(f"config key 'max_steps': {self.max_steps} is not a multiple of gspo.steps_per_generation={self.gspo.steps_per_generation}")
 
@@ -222,11 +207,7 @@ def run(cfg: Config) -> RunResult:
             d = (ref_lp - lp["total"]) / tokens
             kl = (torch.exp(d) - d - 1).mean()
             loss = loss + cfg.gspo.beta * kl
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(talker.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, talker.parameters(), optimizer, scheduler, cfg.optim.grad_clip)
         done = step + 1
         clipped = float(((log_ratio.exp() < 1 - cfg.gspo.epsilon) | (log_ratio.exp() > 1 + cfg.gspo.epsilon_high)).float().mean())
         bar.set_postfix(reward=f"{rollout_metrics['reward/combined']:.3f}", refresh=False)

@@ -47,6 +47,7 @@ from posttrain.models.qwen_omni import (
 from posttrain.models.tokenizer import build_embedded_tokenizer
 from posttrain.talker import TalkerBundle, speak, voice_reference_embeddings
 from posttrain.training import batch_indices, make_optimizer, make_scheduler
+from recipes._talker_stage import OptimConfig, optimizer_step
 
 RECIPE = "talker_pretrain"
 
@@ -90,13 +91,6 @@ class LongContextConfig:
     batch_size: int = option(4, "long streams per step", min=1)
     lr: float = option(5e-4, "learning rate of the continual stage", min=0.0)
     replay: int = option(0, "short training streams replayed in every long batch (0 = none)", min=0)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = option(2e-3, "peak learning rate", min=0.0)
-    warmup_steps: int = option(30, "warm-up steps", min=0)
-    grad_clip: float = option(1.0, "gradient norm clip", min=0.0)
 
 
 @dataclass
@@ -299,11 +293,7 @@ def run(cfg: Config) -> RunResult:
         batch = talker_stream_batch(talker, embed, [train_streams[i] for i in idx], [train[i].codes for i in idx], [train[i].voice for i in idx])
         l0, l1 = talker_losses(talker, batch)
         loss = l0 + cfg.loss.code_predictor_weight * l1
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(talker.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, talker.parameters(), optimizer, scheduler, cfg.optim.grad_clip)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:

@@ -42,7 +42,7 @@ from posttrain.models.qwen_omni import speaker_slots, speaker_token, talker_loss
 from posttrain.talker import load_bundle, speak_all
 from posttrain.training import batch_indices, make_scheduler
 from posttrain.voices import add_lora, install_voice, merge_lora, save_voice
-from recipes._talker_stage import resolve_talker, split_held_out
+from recipes._talker_stage import OptimConfig, optimizer_step, resolve_talker, split_held_out
 
 RECIPE = "talker_speaker_ft"
 
@@ -84,13 +84,6 @@ class LossConfig:
 class EvalConfig:
     sentences: int = option(20, "held-out sentences spoken in the new voice", min=1)
     wer_tolerance: float = option(0.1, "WER increase allowed before the run is flagged as a regression", min=0.0)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = option(5e-4, "learning rate (LoRA weights and the speaker token)", min=0.0)
-    warmup_steps: int = option(10, "warm-up steps", min=0)
-    grad_clip: float = option(1.0, "gradient norm clip", min=0.0)
 
 
 @dataclass
@@ -270,11 +263,7 @@ def run(cfg: Config) -> RunResult:
         batch = talker_stream_batch(talker, bundle.text_embed, [streams[i] for i in idx], [speech.utterances[i].codes for i in idx], [sid] * len(idx))
         l0, l1 = talker_losses(talker, batch)
         loss = l0 + cfg.loss.code_predictor_weight * l1
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, trainable, optimizer, scheduler, cfg.optim.grad_clip)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:

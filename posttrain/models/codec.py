@@ -285,7 +285,8 @@ class Code2WavCodec(Codec):
         self.frame_rate = frame_rate
 
     def encode(self, wavs):
-        raise NotImplementedError("Code2Wav only decodes; Talker codes come from the Talker and code predictor")
+        raise ModelError("Code2Wav only decodes, as in Qwen3-Omni: Talker codes come from the Talker and its code "
+                         "predictor; to encode speech (e.g. training data) use the embedded codec")
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> list[np.ndarray]:

@@ -74,7 +74,6 @@ def cmd_rewards(args) -> int:
 def cmd_eval(args) -> int:
     """``posttrain eval tts``: a Talker speaks a list of sentences; ASR, speaker encoder and
     Praat judge it; a markdown + json table and example wavs are written."""
-    import os
     import random
 
     from posttrain.errors import DataError

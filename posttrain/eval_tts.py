@@ -9,7 +9,6 @@ Every Talker recipe reports through `score_speech`; ``posttrain eval tts`` write
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -35,10 +34,13 @@ class SpokenSample:
         return len(self.wav) / float(self.sample_rate)
 
 
-def score_speech(samples: list[SpokenSample], reference_embeddings: dict[str, np.ndarray] | None = None) -> tuple[list[dict], dict]:
+def score_speech(samples: list[SpokenSample], reference_embeddings: dict[str, np.ndarray] | None = None,
+                 extra_references: dict[str, dict[str, np.ndarray]] | None = None) -> tuple[list[dict], dict]:
     """Per-sample rows and a summary: ``wer`` (mean of per-utterance WER capped at 1),
     ``wer_uncapped``, ``wer_median``, ``speaker_similarity``, ``f0_range``, ``rtf``,
-    ``first_packet_latency``."""
+    ``first_packet_latency``. ``extra_references`` (NAME -> voice -> embedding) adds
+    ``speaker_similarity_NAME`` against other references of the same voices (each sample is
+    embedded once)."""
     from posttrain.audio.asr import get_asr
     from posttrain.audio.io import resample
     from posttrain.audio.prosody import prosody_features
@@ -59,13 +61,19 @@ def score_speech(samples: list[SpokenSample], reference_embeddings: dict[str, np
         }
         feats = prosody_features(wav, 16000, word_count=len(s.text.split()))
         row["f0_range"] = feats.f0_range_semitones
-        if reference_embeddings and s.voice in reference_embeddings:
+        targets = {"speaker_similarity": (reference_embeddings or {}).get(s.voice)}
+        for name, refs in (extra_references or {}).items():
+            targets[f"speaker_similarity_{name}"] = refs.get(s.voice)
+        if any(ref is not None for ref in targets.values()):
             from posttrain.audio.speaker import cosine_similarity, embed
 
             try:
-                row["speaker_similarity"] = cosine_similarity(embed(wav, 16000, s.text), reference_embeddings[s.voice])
+                emb = embed(wav, 16000, s.text)
             except Exception:  # no speech to embed: the worst similarity, not a crash
-                row["speaker_similarity"] = 0.0
+                emb = None
+            for key, ref in targets.items():
+                if ref is not None:
+                    row[key] = cosine_similarity(emb, ref) if emb is not None else 0.0
         row.update(s.extra)
         rows.append(row)
     stats = wer_stats([r["wer"] for r in rows])
@@ -79,6 +87,7 @@ def score_speech(samples: list[SpokenSample], reference_embeddings: dict[str, np
         "wer_uncapped": stats["mean_uncapped"],
         "wer_median": stats["median"],
         "speaker_similarity": mean("speaker_similarity"),
+        **{f"speaker_similarity_{name}": mean(f"speaker_similarity_{name}") for name in (extra_references or {})},
         "f0_range": mean("f0_range"),
         "rtf": mean("rtf"),
         "first_packet_latency": mean("first_packet_latency"),

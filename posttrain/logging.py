@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from posttrain.checkpoint import clean_partial, latest_checkpoint
+from posttrain.checkpoint import clean_partial, latest_checkpoint, load_checkpoint
 from posttrain.config import to_dict
 from posttrain.errors import UserError
 
@@ -141,6 +141,17 @@ class Run:
     def latest_checkpoint(self) -> str | None:
         """The checkpoint to resume from (None for a new run)."""
         return latest_checkpoint(self.checkpoints) if self.resuming else None
+
+    def resume(self, modules: dict, optimizer=None, scheduler=None) -> int:
+        """Load the latest checkpoint into ``modules`` (and the optimiser / scheduler), drop the
+        metrics logged after it, and return its step; 0 for a new run."""
+        checkpoint = self.latest_checkpoint()
+        if not checkpoint:
+            return 0
+        step = load_checkpoint(checkpoint, modules, optimizer, scheduler)["step"]
+        self.rewind(step)
+        print(f"resumed from {checkpoint} (step {step})", flush=True)
+        return step
 
     def rewind(self, step: int) -> None:
         """Drop metrics logged after ``step`` (they are re-done after a resume)."""

@@ -27,6 +27,7 @@ from posttrain.errors import ModelError
 from posttrain.eval_tts import SpokenSample
 from posttrain.models.codec import MelRVQCodec
 from posttrain.models.qwen_omni import save_model, talker_generate, talker_of, thinker_of
+from posttrain.rollout.speech import decode_or_silence
 
 
 @dataclass
@@ -136,10 +137,7 @@ def speak(bundle: TalkerBundle, text: str, voice: str | int, temperature: float 
         temperature=temperature, seed=seed, on_frame=on_frame,
     )
     generated = time.perf_counter()
-    if codes.shape[1] >= 2:
-        wav = bundle.codec.decode(codes.unsqueeze(0))[0]
-    else:  # the Talker said nothing: silence, which the ASR hears as nothing
-        wav = np.zeros(bundle.codec.samples_per_frame * 4, dtype=np.float32)
+    wav = decode_or_silence(bundle.codec, codes)
     decoded = time.perf_counter()
     name = bundle.voices[bundle.voice_id(voice)]
     return SpokenSample(
@@ -166,9 +164,19 @@ def candidate_logps(bundle: TalkerBundle, candidates, voices, temperature: float
     return talker_sequence_logps(bundle.talker, batch, temperature=temperature, code_predictor_weight=code_predictor_weight)
 
 
-def speak_all(engine, sentences, references=None, temperature: float = 0.0, seed: int = 0):
+@torch.no_grad()
+def candidate_logps_chunked(bundle: TalkerBundle, candidates, voices, chunk: int = 16, **options) -> dict[str, torch.Tensor]:
+    """`candidate_logps` without gradients, ``chunk`` candidates at a time, concatenated."""
+    parts = [candidate_logps(bundle, candidates[i : i + chunk], voices[i : i + chunk], **options) for i in range(0, len(candidates), chunk)]
+    if not parts:
+        return {"total": torch.zeros(0), "tokens": torch.zeros(0, dtype=torch.long)}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def speak_all(engine, sentences, references=None, temperature: float = 0.0, seed: int = 0, extra_references=None):
     """The engine speaks every ``(text, voice)`` (batched, greedy by default); scored like
-    `posttrain eval tts`. Returns ``(rows, summary, samples)``."""
+    `posttrain eval tts` (`score_speech`, with its ``extra_references``). Returns
+    ``(rows, summary, samples)``."""
     from posttrain.eval_tts import score_speech
     from posttrain.rollout.speech import SpeechRequest
 
@@ -181,7 +189,7 @@ def speak_all(engine, sentences, references=None, temperature: float = 0.0, seed
         )
         for c in completions
     ]
-    rows, summary = score_speech(samples, references)
+    rows, summary = score_speech(samples, references, extra_references)
     return rows, summary, samples
 
 

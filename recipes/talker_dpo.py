@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.checkpoint import save_checkpoint
 from posttrain.config import RewardConfig, RunConfig, option
 from posttrain.data.preference_pairs import build_pairs, load_pairs, save_pairs
 from posttrain.errors import ConfigError, DataError
@@ -38,7 +38,7 @@ from posttrain.logging import Run, RunResult, format_metrics, quiet_libraries
 from posttrain.losses import dpo_loss
 from posttrain.registry import RewardSet
 from posttrain.rollout.speech import TalkerEngine
-from posttrain.talker import candidate_logps, load_bundle, speak_all, voice_reference_embeddings
+from posttrain.talker import candidate_logps, candidate_logps_chunked, load_bundle, speak_all, voice_reference_embeddings
 from posttrain.training import make_optimizer, make_scheduler
 from recipes._talker_stage import OptimConfig, TalkerPolicyConfig, optimizer_step, frozen_copy, make_trainable, resolve_talker, split_held_out, training_prompts
 
@@ -107,34 +107,26 @@ def pair_batch_logps(bundle, pairs, cfg, with_grad: bool):
 
 
 @torch.no_grad()
+def pair_logps(bundle, pairs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed log-probs of every pair, without gradients."""
+    lp = candidate_logps_chunked(bundle, [p.chosen for p in pairs] + [p.rejected for p in pairs], [p.voice for p in pairs] * 2,
+                                 code_predictor_weight=cfg.dpo.code_predictor_weight)["total"]
+    return lp[: len(pairs)], lp[len(pairs) :]
+
+
+@torch.no_grad()
 def preference_accuracy(policy, reference_logps, pairs, cfg) -> dict:
     """Share of pairs whose implicit reward ranks chosen above rejected (ties count half), and
     whether the policy's per-token likelihood alone already prefers the chosen."""
     if not pairs:
         return {"preference_accuracy": None, "likelihood_preference": None}
-    right, likely = 0.0, 0.0
-    for i in range(0, len(pairs), 16):
-        chunk = pairs[i : i + 16]
-        pc, pr, _ = pair_batch_logps(policy, chunk, cfg, with_grad=False)
-        rc, rr = reference_logps[0][i : i + 16], reference_logps[1][i : i + 16]
-        margin = (pc - rc) - (pr - rr)
-        right += float((margin > 1e-6).sum()) + 0.5 * float((margin.abs() <= 1e-6).sum())
-        lengths_c = torch.tensor([p.chosen.codes.shape[1] + len(p.chosen.stream) for p in chunk], dtype=torch.float)
-        lengths_r = torch.tensor([p.rejected.codes.shape[1] + len(p.rejected.stream) for p in chunk], dtype=torch.float)
-        likely += float((pc / lengths_c > pr / lengths_r).sum())
+    pc, pr = pair_logps(policy, pairs, cfg)
+    margin = (pc - reference_logps[0]) - (pr - reference_logps[1])
+    right = float((margin > 1e-6).sum()) + 0.5 * float((margin.abs() <= 1e-6).sum())
+    lengths_c = torch.tensor([p.chosen.codes.shape[1] + len(p.chosen.stream) for p in pairs], dtype=torch.float)
+    lengths_r = torch.tensor([p.rejected.codes.shape[1] + len(p.rejected.stream) for p in pairs], dtype=torch.float)
+    likely = float((pc / lengths_c > pr / lengths_r).sum())
     return {"preference_accuracy": right / len(pairs), "likelihood_preference": likely / len(pairs)}
-
-
-@torch.no_grad()
-def reference_logps_of(bundle, pairs, cfg):
-    chosen, rejected = [], []
-    for i in range(0, len(pairs), 16):
-        c, r, _ = pair_batch_logps(bundle, pairs[i : i + 16], cfg, with_grad=False)
-        chosen.append(c)
-        rejected.append(r)
-    if not chosen:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(chosen), torch.cat(rejected)
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -182,18 +174,13 @@ def run(cfg: Config) -> RunResult:
     if not train_pairs:
         raise DataError(f"no training pairs: no prompt's candidates differed by pairs.margin={cfg.pairs.margin}; lower the margin, raise pairs.candidates or pairs.temperature")
 
-    ref_train = reference_logps_of(reference, train_pairs, cfg)
-    ref_eval = reference_logps_of(reference, eval_pairs, cfg)
+    ref_train = pair_logps(reference, train_pairs, cfg)
+    ref_eval = pair_logps(reference, eval_pairs, cfg)
 
     # 2. Before.
     optimizer = make_optimizer(talker, cfg.optim.lr)
     scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, cfg.max_steps)
-    start_step = 0
-    checkpoint = run_dir.latest_checkpoint()
-    if checkpoint:
-        start_step = load_checkpoint(checkpoint, {"talker": talker}, optimizer, scheduler)["step"]
-        run_dir.rewind(start_step)
-        print(f"resumed from {checkpoint} (step {start_step})", flush=True)
+    start_step = run_dir.resume({"talker": talker}, optimizer, scheduler)
     before = run_dir.load_json("before.json")
     if before is None:
         _, speech, _ = speak_all(engine, wer_sentences, references)

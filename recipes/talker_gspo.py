@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.checkpoint import save_checkpoint
 from posttrain.config import RewardConfig, RunConfig, option
 from posttrain.errors import ConfigError
 from posttrain.eval_tts import format_summary, write_report
@@ -37,7 +37,7 @@ from posttrain.logging import Run, RunResult, format_metrics, quiet_libraries
 from posttrain.losses import gspo_loss_from_log_ratio
 from posttrain.registry import RewardSet
 from posttrain.rollout.speech import SpeechRequest, TalkerEngine, score_completions
-from posttrain.talker import candidate_logps, load_bundle, speak_all, voice_reference_embeddings
+from posttrain.talker import candidate_logps, candidate_logps_chunked, load_bundle, speak_all, voice_reference_embeddings
 from posttrain.training import make_optimizer, make_scheduler
 from recipes._talker_stage import OptimConfig, TalkerPolicyConfig, optimizer_step, frozen_copy, make_trainable, resolve_talker, split_held_out, training_prompts
 
@@ -112,17 +112,13 @@ def rollout(engine, bundle, rewards, prompts, cfg, seed: int, ref_paths: dict[st
     if any(r.name == "speaker_similarity" for r in cfg.rewards) and ref_paths:
         columns["reference_audio"] = [ref_paths.get(c.voice) for c in completions]
     combined, per = score_completions(rewards, completions, **columns)
-    with torch.no_grad():
-        old = []
-        for i in range(0, len(completions), 16):
-            chunk = completions[i : i + 16]
-            old.append(candidate_logps(bundle, chunk, [c.voice for c in chunk], code_predictor_weight=cfg.gspo.code_predictor_weight))
+    old = candidate_logps_chunked(bundle, completions, [c.voice for c in completions], code_predictor_weight=cfg.gspo.code_predictor_weight)
     return {
         "completions": completions,
         "rewards": torch.tensor(combined, dtype=torch.float),
         "per_reward": per,
-        "old_logps": torch.cat([o["total"] for o in old]),
-        "tokens": torch.cat([o["tokens"] for o in old]).float(),
+        "old_logps": old["total"],
+        "tokens": old["tokens"].float(),
     }
 
 
@@ -157,12 +153,7 @@ def run(cfg: Config) -> RunResult:
 
     optimizer = make_optimizer(talker, cfg.optim.lr)
     scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, cfg.max_steps, kind="constant")
-    start_step = 0
-    checkpoint = run_dir.latest_checkpoint()
-    if checkpoint:
-        start_step = load_checkpoint(checkpoint, {"talker": talker}, optimizer, scheduler)["step"]
-        run_dir.rewind(start_step)
-        print(f"resumed from {checkpoint} (step {start_step})", flush=True)
+    start_step = run_dir.resume({"talker": talker}, optimizer, scheduler)
     before = run_dir.load_json("before.json")
     if before is None:
         _, before, _ = evaluate(engine, held_sentences, references, run_dir, 0, cfg.eval.examples)

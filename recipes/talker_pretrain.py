@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.checkpoint import save_checkpoint
 from posttrain.config import RunConfig, option
 from posttrain.data.aria import build_plain_stream, build_stream, check_stream, estimate_rates
 from posttrain.data.speech_corpus import concat_utterances, embedded_corpus, make_sentence, silence_codes, word_token_groups
@@ -268,12 +268,7 @@ def run(cfg: Config) -> RunResult:
 
     optimizer = make_optimizer(talker, cfg.optim.lr)
     scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, cfg.max_steps)
-    start_step = 0
-    checkpoint = run_dir.latest_checkpoint()
-    if checkpoint:
-        start_step = load_checkpoint(checkpoint, {"talker": talker}, optimizer, scheduler)["step"]
-        run_dir.rewind(start_step)
-        print(f"resumed from {checkpoint} (step {start_step})", flush=True)
+    start_step = run_dir.resume({"talker": talker}, optimizer, scheduler)
     before = run_dir.load_json("before.json")
     if before is None and not cfg.eval_before:
         before = {"loss": mean_loss(talker, embed, held_out, held_streams, cfg), "wer": None, "speaker_similarity": None, "f0_range": None}

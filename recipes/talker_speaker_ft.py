@@ -21,6 +21,7 @@ render it: the embedded mel codec alone costs an unseen voice ~0.17 of similarit
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -28,18 +29,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.checkpoint import save_checkpoint
 from posttrain.config import RunConfig, option
 from posttrain.data.aria import build_stream, estimate_rates
 from posttrain.data.io import load_rows, write_jsonl
 from posttrain.data.speech_corpus import word_token_groups
 from posttrain.data.user_speech import load_user_speech
 from posttrain.errors import ConfigError, DataError
-from posttrain.eval_tts import format_summary, score_speech, write_report
+from posttrain.eval_tts import format_summary, write_report
 from posttrain.logging import Run, RunResult, format_metrics, quiet_libraries
 from posttrain.models.hub import cache_root
 from posttrain.models.qwen_omni import speaker_slots, speaker_token, talker_losses, talker_stream_batch
-from posttrain.talker import load_bundle, speak_all
+from posttrain.talker import load_bundle, speak_all, voice_reference_embeddings
 from posttrain.training import batch_indices, make_scheduler
 from posttrain.voices import add_lora, install_voice, merge_lora, save_voice
 from recipes._talker_stage import OptimConfig, optimizer_step, resolve_talker, split_held_out
@@ -181,7 +182,7 @@ def run(cfg: Config) -> RunResult:
     if cfg.data.path == "embedded":
         data_path = embedded_recordings(cfg, held_texts)
     elif os.path.isdir(cfg.data.path):
-        data_path = folder_recordings(cfg.data.path, os.path.join(cache_root(), "speech", f"folder-{abs(hash(os.path.abspath(cfg.data.path)))}.jsonl"))
+        data_path = folder_recordings(cfg.data.path, os.path.join(cache_root(), "speech", f"folder-{hashlib.sha1(os.path.abspath(cfg.data.path).encode()).hexdigest()[:12]}.jsonl"))
     else:
         data_path = cfg.data.path
     speech = load_user_speech(data_path, bundle.codec, cache_root(), on_bad=cfg.data.on_bad, min_seconds=cfg.data.min_seconds, max_seconds=cfg.data.max_seconds)
@@ -195,25 +196,22 @@ def run(cfg: Config) -> RunResult:
     base = os.path.dirname(os.path.abspath(data_path))
     wavs = []
     for r in load_rows(data_path):
+        if len(wavs) == 12:
+            break
         if r.get("_line") in speech.lines and isinstance(r.get("audio"), str):
             p = r["audio"] if os.path.isabs(r["audio"]) else os.path.join(base, r["audio"])
             wavs.append(load_audio(p, bundle.codec.sample_rate))
     raw_reference = np.mean([speech.references[s] for s in speech.references], axis=0)
-    rendered_reference = codec_rendered_reference(bundle.codec, wavs[:12], bundle.codec.sample_rate)
+    rendered_reference = codec_rendered_reference(bundle.codec, wavs, bundle.codec.sample_rate)
 
     # 2. The closest existing voice: the 'before', and where the new speaker token starts.
-    from posttrain.talker import voice_reference_embeddings
-
     existing = voice_reference_embeddings(bundle.voices)
     closest = max(existing, key=lambda v: cosine_similarity(existing[v], raw_reference)) if existing else bundle.voices[0]
     name = cfg.voice.name
 
-    def measure(voice: str) -> dict:
+    def measure(voice: str) -> tuple[list[dict], dict, list]:
         sentences = [(t, voice) for t, _ in held_sentences]
-        rows, summary, samples = speak_all(engine_for(bundle), sentences, {voice: rendered_reference})
-        _, raw = score_speech(samples, {voice: raw_reference})
-        summary["speaker_similarity_raw"] = raw["speaker_similarity"]
-        return rows, summary, samples
+        return speak_all(engine_for(bundle), sentences, {voice: rendered_reference}, extra_references={"raw": {voice: raw_reference}})
 
     before = run_dir.load_json("before.json")
     if before is None:
@@ -250,12 +248,7 @@ def run(cfg: Config) -> RunResult:
     optimizer = torch.optim.AdamW([{"params": trainable, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=(0.9, 0.95))
     scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, cfg.max_steps)
     modules = {"talker": talker}
-    start_step = 0
-    checkpoint = run_dir.latest_checkpoint()
-    if checkpoint:
-        start_step = load_checkpoint(checkpoint, modules, optimizer, scheduler)["step"]
-        run_dir.rewind(start_step)
-        print(f"resumed from {checkpoint} (step {start_step})", flush=True)
+    start_step = run_dir.resume(modules, optimizer, scheduler)
     talker.train()
     bar = tqdm(range(start_step, cfg.max_steps), desc=RECIPE, initial=start_step, total=cfg.max_steps, mininterval=1.0)
     for step in bar:

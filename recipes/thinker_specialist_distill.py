@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.checkpoint import save_checkpoint
 from posttrain.config import RunConfig, option
 from posttrain.data.io import load_rows, require_fields, write_jsonl
 from posttrain.data.tasks import TASKS, checker_for, make_rows
@@ -310,13 +310,7 @@ def run(cfg: Config) -> RunResult:
     # 3. Optimiser; resume from the last checkpoint if asked.
     optimizer = make_optimizer(student, cfg.optim.lr, cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.schedule)
-    start_step = 0
-    checkpoint = run_dir.latest_checkpoint()
-    if checkpoint:
-        state = load_checkpoint(checkpoint, {"student": student}, optimizer, scheduler)
-        start_step = state["step"]
-        run_dir.rewind(start_step)
-        print(f"resumed from {checkpoint} (step {start_step})", flush=True)
+    start_step = run_dir.resume({"student": student}, optimizer, scheduler)
     before = run_dir.load_json("before.json")
     if before is None:
         before = evaluate(student, tokenizer, engine, teachers, held_out, cfg, rewards)

@@ -26,13 +26,13 @@ def test_dpo_steps_raise_every_training_pairs_implicit_margin(tiny_talker):
 
     from posttrain.losses import dpo_loss
     from posttrain.talker import load_bundle
-    from recipes.talker_dpo import Config, pair_batch_logps, preference_accuracy, reference_logps_of
+    from recipes.talker_dpo import Config, pair_batch_logps, pair_logps, preference_accuracy
 
     cfg = load_config(Config, defaults_path("talker_dpo"), [])
     bundle = load_bundle(tiny_talker)
     pairs = _pairs_from_random_talker(bundle)
     reference = copy.deepcopy(bundle)
-    ref = reference_logps_of(reference, pairs, cfg)
+    ref = pair_logps(reference, pairs, cfg)
     assert preference_accuracy(bundle, ref, pairs, cfg)["preference_accuracy"] == 0.5  # policy == reference: all ties
     talker = bundle.talker
     talker.train()

@@ -208,6 +208,20 @@ def _encoded_row(row: dict, codec, words: list[str], where: str) -> tuple[torch.
     return codes, [(int(a), int(b)) for a, b in spans]
 
 
+@dataclass
+class _Row:
+    """A checked row on its way to an utterance: audio to encode and align, or codes given."""
+
+    line: int
+    text: str
+    words: list[str]
+    voice: int
+    wav: np.ndarray | None
+    codes: torch.Tensor | None
+    spans: list[tuple[int, int]] | None
+    times: list[tuple[float, float]] | None  # word times given by the row
+
+
 def load_user_speech(
     path: str,
     codec,
@@ -223,7 +237,7 @@ def load_user_speech(
     """Validate, align and encode the rows of ``path`` (cached by file contents and codec)."""
     from tqdm.auto import tqdm
 
-    from posttrain.audio.io import is_silent, load_audio, validate_audio
+    from posttrain.audio.io import is_silent, load_audio, resample, validate_audio
 
     rows = load_rows(path)
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.getcwd()
@@ -236,7 +250,7 @@ def load_user_speech(
     key = hashlib.sha1(key_source.encode()).hexdigest()[:12]
     cache_path = os.path.join(cache_dir, "speech", f"user-{key}.pt") if cache_dir else None
     if cache_path and os.path.exists(cache_path):
-        stored = torch.load(cache_path, weights_only=False)
+        stored = torch.load(cache_path, weights_only=True)
         for message in stored["skipped"]:
             print(f"skipped {message}", flush=True)
         return UserSpeech(
@@ -245,7 +259,7 @@ def load_user_speech(
         )
 
     speakers: list[str] = []
-    pending = []  # (line, text, words, speaker index, wav or None, codes/spans or None, given times)
+    pending: list[_Row] = []
     skipped: list[str] = []
 
     sr = codec.sample_rate
@@ -283,12 +297,12 @@ def load_user_speech(
             continue
         if speaker not in speakers:
             speakers.append(speaker)
-        pending.append((row.get("_line", 0), text, words, speakers.index(speaker), wav, codes, spans, times))
+        pending.append(_Row(row.get("_line", 0), text, words, speakers.index(speaker), wav, codes, spans, times))
     if not pending:
         raise DataError(f"{path}: no usable recordings ({len(skipped)} skipped); see the messages above")
 
     # word times from the ASR, for rows that have neither codes nor given times
-    need_asr = [i for i, p in enumerate(pending) if p[4] is not None and p[7] is None]
+    need_asr = [i for i, p in enumerate(pending) if p.wav is not None and p.times is None]
     recognised: dict[int, list] = {}
     if need_asr and alignment == "asr":
         from posttrain.audio.asr import get_asr
@@ -297,13 +311,15 @@ def load_user_speech(
         batch = 16
         for s in tqdm(range(0, len(need_asr), batch), desc="aligning words (ASR)", disable=not progress, leave=False):
             idx = need_asr[s : s + batch]
-            for i, ws in zip(idx, asr.transcribe_with_words([pending[i][4] for i in idx])):
+            wavs16 = [resample(pending[i].wav, sr, asr.sample_rate) for i in idx]
+            for i, ws in zip(idx, asr.transcribe_with_words(wavs16)):
                 recognised[i] = ws
 
     import librosa
 
     utterances, lines, anchored, total_words = [], [], 0, 0
-    for i, (line, text, words, voice, wav, codes, spans, times) in enumerate(tqdm(pending, desc="encoding recordings", disable=not progress, leave=False)):
+    for i, r in enumerate(tqdm(pending, desc="encoding recordings", disable=not progress, leave=False)):
+        words, wav, codes, spans, times = r.words, r.wav, r.codes, r.spans, r.times
         if codes is None:
             codes = codec.encode([wav])[0]
             duration = len(wav) / sr
@@ -316,8 +332,8 @@ def load_user_speech(
                 anchored += len(words)
             total_words += len(words)
             spans = seconds_to_frames(times, codec.frame_rate, codes.shape[1])
-        utterances.append(Utterance(text, words, voice, codes, spans))
-        lines.append(line)
+        utterances.append(Utterance(r.text, words, r.voice, codes, spans))
+        lines.append(r.line)
     if total_words:
         print(f"word alignment: {anchored}/{total_words} words timed by {'the ASR' if alignment == 'asr' else 'the data'}, the rest interpolated", flush=True)
 
@@ -325,7 +341,7 @@ def load_user_speech(
     from posttrain.audio.speaker import embed
 
     for v, name in enumerate(speakers):
-        clips = [p[4] for p in pending if p[3] == v and p[4] is not None and not is_silent(p[4])][:reference_clips]
+        clips = [p.wav for p in pending if p.voice == v and p.wav is not None and not is_silent(p.wav)][:reference_clips]
         if clips:
             references[name] = np.mean([embed(c, sr, f"speaker {name}") for c in clips], axis=0)
     result = UserSpeech(utterances, speakers, references, skipped, lines)

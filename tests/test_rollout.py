@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from posttrain.models.qwen_omni import TinyThinkerSpec, build_tiny_thinker
@@ -50,3 +51,25 @@ def test_sampling_is_reproducible_with_a_seed(tokenizer):
     first = [c.token_ids for c in engine.generate(reqs, seed=7)]
     assert first == [c.token_ids for c in engine.generate(reqs, seed=7)]
     assert first != [c.token_ids for c in engine.generate(reqs, seed=8)]
+
+
+def test_a_sampled_completion_does_not_depend_on_its_batch_and_reports_its_logprobs(tokenizer):
+    model = build_tiny_thinker(tokenizer, TinyThinkerSpec(hidden_size=64, num_layers=1), seed=1).eval()
+    texts = ["hi", "What is 1 + 1?", "Reverse: abcdef", "x", "hello there"]
+    sampling = SamplingParams(10, temperature=1.0, top_p=0.9)
+    reqs = [GenerationRequest(tokenizer(t)["input_ids"], sampling, request_id=i) for i, t in enumerate(texts)]
+    together = HFEngine(model, tokenizer, batch_size=5).generate(reqs, seed=3)
+    # One at a time, each request at its position: the same tokens.
+    one_by_one = [HFEngine(model, tokenizer, batch_size=1).generate([r], seed=3, positions=[i])[0] for i, r in enumerate(reqs)]
+    assert [c.token_ids for c in one_by_one] == [c.token_ids for c in together]
+    # Split across two batches in another order: the same tokens again.
+    split = HFEngine(model, tokenizer, batch_size=2).generate(reqs[::-1], seed=3, positions=[4, 3, 2, 1, 0])[::-1]
+    assert [c.token_ids for c in split] == [c.token_ids for c in together]
+    assert len({tuple(c.token_ids) for c in together}) > 1
+    # The reported log-probs are the model's own (temperature 1) for the sampled tokens.
+    for c in together:
+        ids = torch.tensor([c.prompt_ids + c.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(c.prompt_ids) - 1:-1]
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, len(c.prompt_ids):, None]).squeeze(-1)
+        assert c.logprobs == pytest.approx(expected.tolist(), abs=1e-4)

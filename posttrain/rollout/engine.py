@@ -42,6 +42,9 @@ class Completion:
     text: str  # the decoded response, without special tokens
     finish_reason: str  # "stop" or "length"
     weight_version: int
+    # log-probability of each token under the sampling distribution (the behaviour policy),
+    # when the engine reports it
+    logprobs: list[float] | None = None
 
 
 class RolloutEngine(ABC):

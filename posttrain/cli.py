@@ -46,6 +46,7 @@ def cmd_list(_args) -> int:
 
 def cmd_run(args) -> int:
     from posttrain.config import load_config
+    from posttrain.distributed import check_recipe_supports
     from recipes import defaults_path, load_recipe
 
     if args.help or not args.recipe:
@@ -56,6 +57,7 @@ def cmd_run(args) -> int:
         return 0
     module = load_recipe(args.recipe)
     cfg = load_config(module.Config, defaults_path(args.recipe), args.overrides)
+    check_recipe_supports(args.recipe, cfg)
     module.run(cfg)
     return 0
 

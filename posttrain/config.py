@@ -57,6 +57,7 @@ class RunConfig:
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep", min=1)
     log_every: int = option(10, "write metrics every N steps", min=1)
     rewards: list[RewardConfig] = option([], "extra reward plugins, [{name, weight, params}]")
+    deepspeed: str = option("", "DeepSpeed ZeRO for the TRL-based trainers on GPUs: zero2, zero3 (recipes/configs/) or a DeepSpeed JSON file; empty = the plain backend (CPU runs)")
 
 
 # ---------------------------------------------------------------------------------------

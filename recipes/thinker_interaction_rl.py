@@ -48,6 +48,7 @@ from posttrain.config import RewardConfig, RunConfig, option
 from posttrain.data import conversations as conv
 from posttrain.data.io import load_rows, write_jsonl
 from posttrain.data.text import collate, encode_prompt, encode_response
+from posttrain.distributed import deepspeed_config
 from posttrain.errors import ConfigError, DataError, RewardError
 from posttrain.logging import Run, RunResult, quiet_libraries
 from posttrain.losses import masked_mean, token_nll
@@ -426,6 +427,7 @@ def run(cfg: Config) -> RunResult:
     # 1. Data, rewards and model paths are checked before anything is written.
     train_rows, held_out = load_data(cfg)
     rewards = RewardSet(cfg.rewards)
+    deepspeed = deepspeed_config(cfg.deepspeed)  # None = the plain backend; refused on CPU
     if cfg.policy.path != "embedded":
         hub.resolve(cfg.policy.path, f"policy.path ({cfg.policy.path})")
     run_dir = Run(RECIPE, cfg)
@@ -493,6 +495,7 @@ def run(cfg: Config) -> RunResult:
         gradient_checkpointing=False,
         disable_tqdm=True,
         shuffle_dataset=True,
+        deepspeed=deepspeed,
     )
     optimizer = make_optimizer(policy, cfg.optim.lr, cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.schedule)

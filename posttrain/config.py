@@ -114,7 +114,12 @@ def coerce(value: Any, tp, key: str, from_string: bool = False) -> Any:
             return None
         return coerce(value, inner, key, from_string)
     if tp is Any:
-        return yaml.safe_load(value) if from_string and isinstance(value, str) else value
+        if from_string and isinstance(value, str):
+            try:
+                return yaml.safe_load(value)
+            except yaml.YAMLError:  # not YAML: the text itself (e.g. a path like {stage}/talker)
+                return value
+        return value
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
@@ -300,6 +305,8 @@ def _field_type_at(cls, path: list[str]):
         elif get_origin(tp) is dict:
             tp = get_args(tp)[1] if get_args(tp) else Any
             _, tp = _is_optional(tp)
+        elif tp is Any:  # free-form mapping (e.g. a pipeline's per-stage overrides): any sub-key
+            continue
         else:
             raise ConfigError(f"config key '{'.'.join(path)}': '{'.'.join(path[:i])}' has no sub-keys")
     return tp

@@ -92,6 +92,7 @@ class EarsConfig:
     batch_size: int = option(32, "batch size of both build steps", min=1)
     lr: float = option(3e-3, "learning rate of the text steps (a third of it for the decoder during the ear steps)", min=0.0)
     audio_lr: float = option(5e-3, "learning rate of the audio encoder during the ear steps", min=0.0)
+    start: str = option("", "embedded student: a Thinker folder (e.g. a previous stage's model/) that the text and ear steps teach instead of a fresh tiny Thinker; its tokenizer and size are kept")
 
 
 @dataclass
@@ -241,7 +242,7 @@ def load_student(cfg: Config, text_rows: list[dict] | None, train_rows: list[dic
         e = cfg.ears
         path = embedded_hearing_thinker(
             "spoken_addition", text_rows, train_rows, cfg.student.tokenizer, cfg.student.size,
-            e.text_steps, e.ear_steps, e.batch_size, e.lr, e.audio_lr, seed=cfg.seed,
+            e.text_steps, e.ear_steps, e.batch_size, e.lr, e.audio_lr, seed=cfg.seed, start=e.start,
         )
     model, tokenizer = load_language_model(path, "student")
     if not hasattr(model, "audio_tower"):

@@ -130,15 +130,16 @@ def train_hearing_thinker(
     lr: float = 3e-3,
     audio_lr: float = 3e-3,
     seed: int = 0,
+    start=None,
 ):
-    """A tiny Thinker taught to answer ``text_rows`` (prompt -> answer) from text, then given
+    """A tiny Thinker (``start``, or a fresh one of size ``spec``) taught to answer ``text_rows`` (prompt -> answer) from text, then given
     ears: spoken query -> its transcript (``clips[i]`` -> ``transcripts[i]``), with text QA
     mixed in so it keeps reading. It never practises answering from audio: that gap is what
     audio distillation closes. The audio encoder gets its own (higher) learning rate because
     it starts from nothing while the decoder only has to keep what it knows."""
     from posttrain.models.qwen_omni import audio_placeholder, batch_audio_inputs
 
-    model = build_tiny_thinker(tokenizer, spec, seed=seed)
+    model = start if start is not None else build_tiny_thinker(tokenizer, spec, seed=seed)
     model.train()
     rng = random.Random(f"hearing-{seed}")
 
@@ -197,14 +198,32 @@ def embedded_hearing_thinker(
     lr: float = 3e-3,
     audio_lr: float = 3e-3,
     seed: int = 0,
+    start: str = "",
 ) -> str:
     """Folder of a tiny Thinker that reads task ``name`` (``text_rows``: prompt, answer) and has
     learnt to transcribe ``spoken_rows`` (prompt, audio = a 16 kHz file); built on first use and
-    cached under the posttrain cache, keyed by everything that shapes it."""
+    cached under the posttrain cache, keyed by everything that shapes it. ``start``: a Thinker
+    folder to teach instead of a fresh tiny Thinker (its own tokenizer and size; e.g. the student
+    of a previous stage)."""
     from posttrain.audio.io import load_audio
-    from posttrain.models.qwen_omni import audio_inputs, split_audio_inputs
+    from posttrain.models.qwen_omni import audio_inputs, load_language_model, split_audio_inputs
 
     spec = spec or TinyThinkerSpec()
+    start_model = None
+    if start:
+        start_model, start_tokenizer = load_language_model(start, "ears.start")
+        if not hasattr(start_model, "audio_tower"):
+            from posttrain.errors import ModelError
+
+            raise ModelError(f"ears.start {start!r} is not a Qwen-Omni Thinker (no audio encoder); give a Thinker folder")
+        spec = TinyThinkerSpec(**{**asdict(spec), "num_mel_bins": start_model.config.audio_config.num_mel_bins})
+        from posttrain.models.hub import resolve
+
+        folder, weights = resolve(start, "ears.start"), hashlib.sha1()
+        for f in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):  # the start's weights shape the result
+            with open(os.path.join(folder, f), "rb") as fh:
+                weights.update(fh.read())
+        tokenizer_name = "start:" + weights.hexdigest()
     data_digest = hashlib.sha1(json.dumps(
         [[r["prompt"], str(r["answer"])] for r in text_rows] + [[r["prompt"], os.path.basename(r["audio"])] for r in spoken_rows]
     ).encode()).hexdigest()
@@ -217,14 +236,14 @@ def embedded_hearing_thinker(
     path = os.path.join(cache_root(), "hearing", f"{name}-{digest}")
     if os.path.exists(os.path.join(path, "hearing.json")):
         return path
-    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer = start_tokenizer if start_model is not None else load_tokenizer(tokenizer_name)
     clips = []
     for start in range(0, len(spoken_rows), 64):
         wavs = [load_audio(r["audio"]) for r in spoken_rows[start:start + 64]]
         clips += split_audio_inputs(audio_inputs(wavs, spec.num_mel_bins))
     torch.manual_seed(seed)
     model = train_hearing_thinker(tokenizer, spec, text_rows, clips, [r["prompt"] for r in spoken_rows],
-                                  text_steps, ear_steps, batch_size, lr, audio_lr, seed)
+                                  text_steps, ear_steps, batch_size, lr, audio_lr, seed, start=start_model)
     tmp = f"{path}.tmp-{os.getpid()}"
     save_model(model, tokenizer, tmp)
     with open(os.path.join(tmp, "hearing.json"), "w") as fh:

@@ -112,7 +112,9 @@ def rollout(engine, bundle, rewards, prompts, cfg, seed: int, ref_paths: dict[st
     if any(r.name == "speaker_similarity" for r in cfg.rewards) and ref_paths:
         columns["reference_audio"] = [ref_paths.get(c.voice) for c in completions]
     combined, per = score_completions(rewards, completions, **columns)
-    old = candidate_logps_chunked(bundle, completions, [c.voice for c in completions], code_predictor_weight=cfg.gspo.code_predictor_weight)
+    # scored at the sampling temperature: the ratio's denominator is the policy that sampled
+    old = candidate_logps_chunked(bundle, completions, [c.voice for c in completions], temperature=cfg.gspo.temperature,
+                                  code_predictor_weight=cfg.gspo.code_predictor_weight)
     return {
         "completions": completions,
         "rewards": torch.tensor(combined, dtype=torch.float),
@@ -187,14 +189,16 @@ def run(cfg: Config) -> RunResult:
         groups = order[k::spg]
         idx = [p * g + j for p in groups for j in range(g)]
         chunk = [batch["completions"][i] for i in idx]
-        lp = candidate_logps(bundle, chunk, [c.voice for c in chunk], code_predictor_weight=cfg.gspo.code_predictor_weight)
+        lp = candidate_logps(bundle, chunk, [c.voice for c in chunk], temperature=cfg.gspo.temperature,
+                             code_predictor_weight=cfg.gspo.code_predictor_weight)
         tokens = batch["tokens"][idx].clamp_min(1.0)
         log_ratio = (lp["total"] - batch["old_logps"][idx]) / tokens
         loss = gspo_loss_from_log_ratio(log_ratio, batch["rewards"][idx], g, tokens > 0, cfg.gspo.epsilon, cfg.gspo.epsilon_high, cfg.gspo.scale_rewards)
         kl = torch.zeros(())
         if reference is not None:
             with torch.no_grad():
-                ref_lp = candidate_logps(reference, chunk, [c.voice for c in chunk], code_predictor_weight=cfg.gspo.code_predictor_weight)["total"]
+                ref_lp = candidate_logps(reference, chunk, [c.voice for c in chunk], temperature=cfg.gspo.temperature,
+                                         code_predictor_weight=cfg.gspo.code_predictor_weight)["total"]
             d = (ref_lp - lp["total"]) / tokens
             kl = (torch.exp(d) - d - 1).mean()
             loss = loss + cfg.gspo.beta * kl

@@ -1,0 +1,196 @@
+"""The Ray rollout pool (posttrain.rollout.pool) and reward workers (posttrain.rollout.reward_pool):
+the same completions as the in-process engine, versioned weight sync (full and LoRA-only),
+faults (a dead engine or reward worker mid-batch, a hung engine), and a recipe run served by a
+pool. One local Ray session for the whole module."""
+
+import os
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from posttrain.models.qwen_omni import TinyThinkerSpec, build_tiny_thinker, save_model  # noqa: E402
+from posttrain.rollout import GenerationRequest, HFEngine, SamplingParams  # noqa: E402
+from posttrain.rollout.pool import EngineSpec, RolloutPool, RolloutTimeoutError, weights_for_engine  # noqa: E402
+
+SPEC = TinyThinkerSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tokenizer):
+    path = str(tmp_path_factory.mktemp("pool") / "model")
+    save_model(build_tiny_thinker(tokenizer, SPEC, seed=0), tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session, folder):
+    pool = RolloutPool(EngineSpec("hf", folder, batch_size=4), num_engines=2, chunk_size=2, timeout_s=120)
+    yield pool
+    pool.close()
+
+
+def _local_engine(folder):
+    from posttrain.models.qwen_omni import load_language_model
+
+    model, tokenizer = load_language_model(folder)
+    return HFEngine(model.eval(), tokenizer, batch_size=4)
+
+
+def _requests(tokenizer, n=8, temperature=1.0):
+    texts = ["hi", "What is 1 + 1?", "Reverse: abcdef", "x", "hello there", "abc", "Bonjour !", "zz top"]
+    sampling = SamplingParams(8, temperature=temperature)
+    return [GenerationRequest(tokenizer(texts[i % len(texts)])["input_ids"], sampling, f"r{i}") for i in range(n)]
+
+
+def _in_actor(pool, i, fn):
+    """Run ``fn(worker)`` inside engine actor ``i`` (fault injection for the tests)."""
+    return ray.get(pool.actors[i].__ray_call__.remote(fn))
+
+
+def test_a_pool_of_two_engines_returns_the_in_process_completions(pool, folder, tokenizer):
+    reqs = _requests(tokenizer)
+    local = _local_engine(folder).generate(reqs, seed=5)
+    out = pool.generate(reqs, seed=5)
+    assert [c.request_id for c in out] == [r.request_id for r in reqs]
+    assert [c.token_ids for c in out] == [c.token_ids for c in local]
+    assert len({tuple(c.token_ids) for c in out}) > 2  # sampled, not all alike
+    assert {c.weight_version for c in out} == {0}
+    greedy = _requests(tokenizer, temperature=0.0)
+    assert [c.token_ids for c in pool.generate(greedy)] == [c.token_ids for c in _local_engine(folder).generate(greedy)]
+
+
+def test_weight_versions_advance_and_a_mixed_version_batch_is_refused(pool, tokenizer):
+    other = build_tiny_thinker(tokenizer, SPEC, seed=1).eval()
+    reqs = _requests(tokenizer, n=4, temperature=0.0)
+    start = pool.weight_version
+    pool.update_weights(weights_for_engine(other), start + 1)
+    out = pool.generate(reqs)
+    assert {c.weight_version for c in out} == {start + 1}
+    assert [c.token_ids for c in out] == [c.token_ids for c in HFEngine(other, tokenizer).generate(reqs)]
+    assert pool.sync_seconds > 0 and pool.last_sync["kind"] == "full"
+    with pytest.raises(ValueError, match="not newer"):
+        pool.update_weights(weights_for_engine(other), start + 1)
+    # One engine tagged with another version: the pool refuses the batch.
+    ray.get(pool.actors[1].update_weights.remote(None, start + 7))
+    with pytest.raises(RuntimeError, match="mixed weight versions"):
+        pool.generate(reqs)
+    ray.get(pool.actors[1].update_weights.remote(None, start + 1))
+    assert {c.weight_version for c in pool.generate(reqs)} == {start + 1}
+
+
+def test_an_engine_killed_mid_batch_still_answers_every_prompt_once(pool, tokenizer):
+    reqs = _requests(tokenizer, n=8)
+    expected = pool.generate(reqs, seed=11)
+
+    def die_on_second_call(worker):
+        generate, calls = worker.engine.generate, []
+
+        def dying(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                os._exit(1)
+            return generate(*args, **kwargs)
+
+        worker.engine.generate = dying  # (actor methods are looked up on the class; the engine's are not)
+
+    _in_actor(pool, 1, die_on_second_call)
+    restarts, resent, pid = pool.restarts, pool.resent_requests, pool.pids[1]
+    out = pool.generate(reqs, seed=11)
+    assert pool.restarts == restarts + 1 and pool.pids[1] != pid
+    assert pool.resent_requests == resent + 2  # only its unfinished chunk (2 requests) went again
+    assert [c.request_id for c in out] == [r.request_id for r in reqs]
+    assert [c.token_ids for c in out] == [c.token_ids for c in expected]
+    assert {c.weight_version for c in out} == {pool.weight_version}  # re-synced after the restart
+
+
+def test_lora_sync_sends_only_the_adapter(pool, folder, tokenizer):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from posttrain.models.qwen_omni import load_language_model
+
+    base, _ = load_language_model(folder)
+    pool.update_weights(weights_for_engine(base), pool.weight_version + 1)  # the base the adapter goes on
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # an adapter that changes the outputs
+    model.eval()
+    update = weights_for_engine(model, "lora")
+    adapter = set(get_peft_model_state_dict(model))
+    version = pool.weight_version + 1
+    pool.update_weights(update, version)
+    sent = pool.last_sync
+    assert sent["kind"] == "lora" and set(sent["tensors"]) == adapter
+    assert all("lora_" in name for name in sent["tensors"])
+    full = sum(v.numel() for v in model.state_dict().values())
+    assert sent["bytes"] < 0.2 * full * 4  # a fraction of the full state
+    reqs = _requests(tokenizer, n=4, temperature=0.0)
+    out = pool.generate(reqs)
+    assert [c.token_ids for c in out] == [c.token_ids for c in HFEngine(model, tokenizer).generate(reqs)]
+    assert {c.weight_version for c in out} == {version}
+
+
+def test_a_hung_engine_times_out_with_its_name_and_the_pool_recovers(pool, tokenizer):
+    reqs = _requests(tokenizer, n=4, temperature=0.0)
+    expected = [c.token_ids for c in pool.generate(reqs)]
+
+    def hang(worker):
+        worker.engine.generate = lambda *a, **k: time.sleep(3600)
+
+    _in_actor(pool, 0, hang)
+    pool.timeout_s = 4
+    try:
+        with pytest.raises(RolloutTimeoutError, match=r"engine 1 of 2 \(hf, node [0-9.]+, pid \d+\) did not answer within 4 s"):
+            pool.generate(reqs)
+    finally:
+        pool.timeout_s = 120
+    out = pool.generate(reqs)  # the hung actor was restarted and re-synced
+    assert [c.token_ids for c in out] == expected and {c.weight_version for c in out} == {pool.weight_version}
+
+
+def test_a_reward_worker_killed_mid_chunk_scores_every_sample_once(ray_session):
+    from posttrain.config import RewardConfig
+    from posttrain.data.conversations import make_conversations
+    from posttrain.registry import RewardSet
+    from posttrain.rollout.reward_pool import RewardPool
+
+    rows = make_conversations(12, turns=1, seed=4, languages=["en", "de"])
+    specs = [RewardConfig("language", 1.0), RewardConfig("persona", 0.5)]
+    prompts = [r["prompt"] for r in rows]
+    replies = [[{"role": "assistant", "content": r["reference"] if i % 2 else "Hello, I am fine."}] for i, r in enumerate(rows)]
+    columns = {k: [r[k] for r in rows] for k in ("persona", "language")}
+    expected = RewardSet(specs).score(prompts, replies, **columns)
+    pool = RewardPool(specs, num_workers=2, num_cpus=0.5, chunk_size=3)
+    try:
+        def die_on_second_call(worker):
+            score, calls = worker.rewards.score, []
+
+            def dying(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 2:
+                    os._exit(1)
+                return score(*args, **kwargs)
+
+            worker.rewards.score = dying
+
+        ray.get(pool.workers[0].__ray_call__.remote(die_on_second_call))
+        pending = pool.submit(prompts, replies, columns)  # asynchronous: returns at once
+        combined, per_reward = pool.collect(pending)
+        assert pool.restarts == 1 and pool.resent_samples == 3  # only the chunk it died on
+        assert combined == expected[0] and per_reward == expected[1]
+        assert len(set(combined)) > 1
+    finally:
+        pool.close()

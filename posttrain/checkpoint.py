@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from posttrain.errors import UserError
+from posttrain.faults import fault_point
 
 STATE_FILE = "state.json"
 
@@ -81,16 +82,50 @@ def save_checkpoint(
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if os.path.exists(final):  # a resumed run re-saving the same step
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        fault_point("checkpoint")  # everything written, nothing renamed: the temp folder is dropped on resume
+        publish(tmp, root, step, keep=None)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write checkpoint {final}: {e.strerror or e}; free disk space or change output_dir") from None
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep)
     return final
+
+
+def publish(src: str, root: str, step: int, keep: int | None = 2) -> str:
+    """Rename the complete checkpoint folder ``src`` to ``root/step-NNNNNN`` (same file system),
+    then keep the ``keep`` newest (None: prune nothing).
+
+    A folder of that step already there (a resumed run re-saving the step it resumed from) is
+    first renamed aside to ``.step-NNNNNN.old-PID`` and removed only after the new one is in
+    place; a kill between the two renames leaves the old folder, which `clean_partial` puts
+    back. So at every instant the step exists complete, or its previous version does."""
+    final = os.path.join(root, f"step-{step:06d}")
+    aside = None
+    if os.path.exists(final):
+        aside = os.path.join(root, f".step-{step:06d}.old-{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        fault_point("checkpoint")  # the step's old folder aside, the new one not yet in place
+    os.rename(src, final)
+    _fsync_dir(root)
+    if aside:
+        shutil.rmtree(aside, ignore_errors=True)
+    if keep is not None:
+        prune(root, keep)
+    return final
+
+
+def prune(root: str, keep: int) -> None:
+    """Remove all but the ``keep`` newest checkpoints. Each is renamed to a hidden
+    ``.step-NNNNNN.del-PID`` first, so a kill during the removal never leaves a half-deleted
+    folder that still looks complete."""
+    for old in list_checkpoints(root)[: -max(1, keep)]:
+        doomed = os.path.join(root, "." + os.path.basename(old) + f".del-{os.getpid()}")
+        try:
+            os.rename(old, doomed)
+        except OSError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -112,11 +147,24 @@ def latest_checkpoint(root: str) -> str | None:
 
 
 def clean_partial(root: str) -> None:
-    """Remove temp folders left by a run killed while saving."""
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.startswith(".step-") and ".tmp-" in name:
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    """Tidy up after a run killed while saving: drop unfinished temp folders and half-removed
+    old checkpoints, and put back a step's previous folder that a kill left renamed aside
+    (see `publish`)."""
+    if not os.path.isdir(root):
+        return
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not name.startswith(".step-"):
+            continue
+        if ".old-" in name:
+            final = os.path.join(root, name[1:].split(".old-")[0])
+            if not os.path.exists(os.path.join(final, STATE_FILE)) and os.path.exists(os.path.join(path, STATE_FILE)):
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(path, final)
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+        elif ".tmp-" in name or ".del-" in name:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_checkpoint(

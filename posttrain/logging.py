@@ -108,6 +108,11 @@ class Run:
         clean_partial(self.checkpoints)
         if self.resuming:
             self._note_config_changes()
+            if latest_checkpoint(self.checkpoints) is None:
+                # Killed before its first checkpoint: it starts again from step 0, so the
+                # training lines it logged go (the step-0 "before" line stays).
+                print(f"resume=true: {path} has no checkpoint yet; it restarts from step 0", flush=True)
+                self.rewind(0)
         write_text_atomic(os.path.join(path, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     @staticmethod

@@ -11,6 +11,7 @@ import torch
 
 from posttrain.config import option
 from posttrain.errors import ConfigError, DataError
+from posttrain.faults import fault_point
 
 
 @dataclass
@@ -42,6 +43,7 @@ def optimizer_step(loss: torch.Tensor, params, optimizer, scheduler, grad_clip: 
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    fault_point("step")  # crash/resume tests: die between a step and its checkpoint
 
 
 def resolve_talker(path: str, pretrain_steps: int, seed: int = 0) -> str:

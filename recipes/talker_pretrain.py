@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.checkpoint import save_checkpoint
+from posttrain.faults import fault_point
 from posttrain.config import RunConfig, option
 from posttrain.data.aria import build_plain_stream, build_stream, check_stream, estimate_rates
 from posttrain.data.speech_corpus import concat_utterances, embedded_corpus, make_sentence, silence_codes, word_token_groups
@@ -222,6 +223,7 @@ def continual_pretrain(talker, embed, train, train_streams, tokenizer, rates, pa
             torch.nn.utils.clip_grad_norm_(talker.parameters(), cfg.optim.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            fault_point("step")  # crash/resume tests
             step += 1
             if step % cfg.log_every == 0:
                 log(step, {f"loss/long_x{k}": loss.item()})

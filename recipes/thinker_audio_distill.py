@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from data_tools.synthesize_speech import resolve_audio_path, synthesize_dataset
 from posttrain.audio.io import load_audio, validate_audio
 from posttrain.checkpoint import save_checkpoint
+from posttrain.faults import fault_point
 from posttrain.config import RunConfig, option
 from posttrain.data.io import load_rows, write_jsonl
 from posttrain.data.tasks import check_exact
@@ -446,6 +447,7 @@ def run(cfg: Config) -> RunResult:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        fault_point("step")  # crash/resume tests
         engine.update_weights(None, step + 1)  # colocated engine: the new weights are already there
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 

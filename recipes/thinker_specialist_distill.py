@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.checkpoint import save_checkpoint
+from posttrain.faults import fault_point
 from posttrain.config import RunConfig, option
 from posttrain.data.io import load_rows, require_fields, write_jsonl
 from posttrain.data.tasks import TASKS, checker_for, make_rows
@@ -359,6 +360,7 @@ def run(cfg: Config) -> RunResult:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        fault_point("step")  # crash/resume tests
         engine.update_weights(None, step + 1)  # colocated engine: the new weights are already there
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 

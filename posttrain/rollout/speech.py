@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from posttrain.faults import fault_point
 from posttrain.models.qwen_omni import talker_generate_batch, talker_of, thinker_of
 
 
@@ -65,6 +66,7 @@ class TalkerEngine:
         """Load ``state`` (a Talker state dict; ``None`` when sharing the trainer's model)."""
         if state is not None:
             talker_of(self.bundle.model).load_state_dict(state, strict=False)
+        fault_point("weight_sync")  # crash/resume tests: die mid-sync
         self.weight_version = version
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ User errors (a config key, a data line, a path) print one line and exit 2, no tr
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import textwrap
@@ -46,7 +47,6 @@ def cmd_list(_args) -> int:
 
 def cmd_run(args) -> int:
     from posttrain.config import load_config
-    from posttrain.distributed import check_recipe_supports
     from recipes import defaults_path, load_recipe
 
     if args.help or not args.recipe:
@@ -57,7 +57,9 @@ def cmd_run(args) -> int:
         return 0
     module = load_recipe(args.recipe)
     cfg = load_config(module.Config, defaults_path(args.recipe), args.overrides)
-    check_recipe_supports(args.recipe, cfg)
+    from posttrain.models import hub
+
+    hub.allow_remote_code(cfg.trust_remote_code)  # only what the user wrote enables it
     module.run(cfg)
     return 0
 
@@ -68,7 +70,7 @@ def cmd_rewards(args) -> int:
     if args.rewards_cmd == "list":
         return reward_tools.list_rewards()
     if args.rewards_cmd == "score":
-        return reward_tools.score_file(args.reward, args.data, args.output, args.params)
+        return reward_tools.score_file(args.reward, args.data, args.output, args.params, args.timeout)
     print("usage: posttrain rewards {list,score}")
     return 2
 
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--data", required=True, help="jsonl with prompt, completion, and other columns")
     score.add_argument("--output", help="write per-sample scores to this jsonl")
     score.add_argument("--param", dest="params", action="append", default=[], help="key=value bound to the reward")
+    score.add_argument("--timeout", type=float, default=600.0, help="seconds the reward may take on the whole file (0 = no limit)")
     rewards.set_defaults(func=cmd_rewards)
     ev = sub.add_parser("eval", help="evaluate a trained model")
     esub = ev.add_subparsers(dest="eval_cmd")
@@ -154,8 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Nothing is downloaded at run time: models and datasets come from local folders or the
+#: local Hugging Face cache. A user who wants the hub sets these to 0 explicitly.
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+#: Faults of the machine rather than of posttrain: reported in one line, like user errors.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "the disk is full; free space or set output_dir on another disk",
+    errno.EDQUOT: "the disk quota is exhausted; free space or set output_dir on another disk",
+    errno.EROFS: "the file system is read-only; set output_dir to a writable folder",
+    errno.EACCES: "permission denied; set output_dir (or the named path) to one you may write",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for name in OFFLINE_ENV:
+        os.environ.setdefault(name, "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -174,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except BrokenPipeError:  # output piped into `head`
         return 0
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {_ENVIRONMENT_ERRNOS[e.errno]}{where}; a run stopped this way continues from its "
+              "last complete checkpoint with resume=true", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; continue later with resume=true", file=sys.stderr)
         return 130

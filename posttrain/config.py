@@ -42,6 +42,7 @@ class RewardConfig:
     name: str = option("", "reward: entry-point name (see `posttrain rewards list`) or module:function")
     weight: float = option(1.0, "weight in the combined reward")
     params: dict[str, Any] = option({}, "keyword arguments bound to the reward function")
+    timeout_s: float = option(600.0, "longest one call of this reward may take, in seconds (0 = no limit); a slower call stops the run naming the reward", min=0.0)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RunConfig:
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep", min=1)
     log_every: int = option(10, "write metrics every N steps", min=1)
     rewards: list[RewardConfig] = option([], "extra reward plugins, [{name, weight, params}]")
+    trust_remote_code: bool = option(False, "let model folders whose config.json asks for their own code (auto_map) run it; only for models you trust")
     deepspeed: str = option("", "DeepSpeed ZeRO for the TRL-based trainers on GPUs: zero2, zero3 (recipes/configs/) or a DeepSpeed JSON file; empty = the plain backend (CPU runs)")
 
 

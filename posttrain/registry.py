@@ -13,7 +13,10 @@ import importlib
 import importlib.util
 import math
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from typing import Any, Callable, Sequence
 
@@ -98,13 +101,50 @@ def _check_value(plugin: str, index: int, value: Any) -> float | None:
     return value
 
 
+class _RewardTimeout(BaseException):
+    """Raised inside a reward call that ran past its time limit (a BaseException so that a
+    plugin's own ``except Exception`` cannot swallow it)."""
+
+
+@contextmanager
+def _time_limit(seconds: float | None):
+    """Interrupt the block after ``seconds`` with `_RewardTimeout` (SIGALRM, so only in the
+    main thread; elsewhere, and for None or 0, no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _RewardTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def call_reward(
-    plugin: str, fn: RewardFn, prompts: Sequence, completions: Sequence, columns: dict[str, Sequence]
+    plugin: str,
+    fn: RewardFn,
+    prompts: Sequence,
+    completions: Sequence,
+    columns: dict[str, Sequence],
+    timeout_s: float | None = None,
 ) -> list[float | None]:
-    """Call one reward plugin and validate what it returns."""
+    """Call one reward plugin and validate what it returns; a call longer than ``timeout_s``
+    seconds is stopped with a `RewardError` naming the plugin."""
     n = len(completions)
     try:
-        values = fn(prompts=list(prompts), completions=list(completions), **columns)
+        with _time_limit(timeout_s):
+            values = fn(prompts=list(prompts), completions=list(completions), **columns)
+    except _RewardTimeout:
+        raise RewardError(
+            f"reward {plugin!r} took longer than {timeout_s:g} s on {n} samples and was stopped; make it "
+            "faster (load models once, batch the work) or raise its timeout_s (0 = no limit)"
+        ) from None
     except RewardError:
         raise
     except Exception as e:
@@ -162,7 +202,9 @@ class RewardSet:
         per_reward = {}
         for spec in self.specs:
             label = self.label(spec)
-            per_reward[label] = call_reward(spec.name, self.functions[label], prompts, completions, columns)
+            per_reward[label] = call_reward(
+                spec.name, self.functions[label], prompts, completions, columns, getattr(spec, "timeout_s", None)
+            )
         combined: list[float | None] = []
         for i in range(len(completions)):
             total, weight = 0.0, 0.0

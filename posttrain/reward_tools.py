@@ -37,7 +37,7 @@ def _parse_params(params: list[str]) -> dict:
     return out
 
 
-def score_file(reward: str, data: str, output: str | None, params: list[str]) -> int:
+def score_file(reward: str, data: str, output: str | None, params: list[str], timeout_s: float | None = None) -> int:
     """Score every sample of a jsonl with one reward; print a summary, optionally write scores."""
     fn = resolve_reward(reward)
     bound = _parse_params(params)
@@ -49,7 +49,7 @@ def score_file(reward: str, data: str, output: str | None, params: list[str]) ->
     completions = [row["completion"] for row in rows]
     keys = sorted({k for row in rows for k in row if k not in ("prompt", "completion") and not k.startswith("_")})
     columns = {k: [row.get(k) for row in rows] for k in keys}
-    scores = call_reward(reward, lambda **kw: fn(**kw, **bound), prompts, completions, columns)
+    scores = call_reward(reward, lambda **kw: fn(**kw, **bound), prompts, completions, columns, timeout_s)
     values = [s for s in scores if s is not None]
     print(f"reward {reward} on {len(rows)} samples from {data}")
     if values:

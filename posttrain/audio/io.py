@@ -27,6 +27,11 @@ SILENCE_PEAK = 10 ** (-60 / 20)
 CLIP_LEVEL = 0.999
 #: More than this fraction of samples clipped: a square wave / DC / broken export, not speech.
 MAX_CLIPPED_FRACTION = 0.5
+#: Below this rate a file cannot hold speech (telephone audio is 8 kHz).
+MIN_SAMPLE_RATE = 8000
+#: The longest file any loader decodes unless the caller allows more: longer is a recording
+#: session, not a sample, and decoding it would take gigabytes of memory.
+MAX_FILE_SECONDS = 3600.0
 
 
 def to_mono(wav: np.ndarray, name: str = "audio") -> np.ndarray:
@@ -67,17 +72,63 @@ def _check_finite(wav: np.ndarray, name: str) -> np.ndarray:
     return wav
 
 
-def load_audio(path: str | os.PathLike, target_sr: int | None = SAMPLE_RATE) -> np.ndarray:
+def load_audio(
+    path: str | os.PathLike, target_sr: int | None = SAMPLE_RATE, max_seconds: float | None = MAX_FILE_SECONDS
+) -> np.ndarray:
     """The audio file at ``path`` as a float32 mono array at ``target_sr`` Hz (``None``: keep
     the file's rate; use `load_audio_with_rate` to learn it).
 
-    Raises `AudioError` naming the file when it is missing or cannot be decoded.
+    Raises `AudioError` naming the file when it is missing or cannot be decoded, when its
+    rate is below 8 kHz, when its header says it is longer than ``max_seconds`` (checked before
+    decoding), or when its channels cancel each other in the mono mix.
     """
-    wav, _ = load_audio_with_rate(path, target_sr)
+    wav, _ = load_audio_with_rate(path, target_sr, max_seconds)
     return wav
 
 
-def load_audio_with_rate(path: str | os.PathLike, target_sr: int | None = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+def _check_header(path: str, max_seconds: float | None) -> None:
+    """Rate and length from the file header, before the samples are decoded."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except Exception:
+        return  # not a libsndfile format: checked after decoding
+    _check_rate_and_length(path, int(info.samplerate), info.frames, max_seconds)
+
+
+def _check_rate_and_length(path: str, sr: int, frames: int, max_seconds: float | None) -> None:
+    if sr < MIN_SAMPLE_RATE:
+        raise AudioError(
+            f"audio file {path!r} has a sample rate of {sr} Hz, too low to hold speech (at least "
+            f"{MIN_SAMPLE_RATE} Hz); re-export it at 16 kHz (e.g. ffmpeg -i IN -ar 16000 -ac 1 OUT.wav)"
+        )
+    seconds = frames / float(sr)
+    if max_seconds is not None and seconds > max_seconds:
+        hours, rest = divmod(int(seconds), 3600)
+        raise AudioError(
+            f"audio file {path!r} is {hours}:{rest // 60:02d}:{rest % 60:02d} long, longer than the maximum "
+            f"{max_seconds:g} s for one sample; cut it into utterances (e.g. with a VAD) or raise the limit"
+        )
+
+
+def _mix_to_mono(data: np.ndarray, path: str) -> np.ndarray:
+    """Channels averaged; refuse a mix that cancels (one channel phase-inverted), which would
+    otherwise pass as a silent recording."""
+    wav = to_mono(data, name=path)
+    if data.ndim == 2 and wav.size and np.all(np.isfinite(data)):
+        loudest = float(np.max(np.abs(data)))
+        if loudest >= SILENCE_PEAK * 10 and float(np.max(np.abs(wav))) < SILENCE_PEAK:
+            raise AudioError(
+                f"audio file {path!r}: its channels cancel when mixed to mono (one is phase-inverted), "
+                "leaving silence; export a single channel (e.g. ffmpeg -i IN -af pan=mono|c0=c0 OUT.wav)"
+            )
+    return wav
+
+
+def load_audio_with_rate(
+    path: str | os.PathLike, target_sr: int | None = SAMPLE_RATE, max_seconds: float | None = MAX_FILE_SECONDS
+) -> tuple[np.ndarray, int]:
     """``(wav, sample_rate)`` for the file at ``path``; see `load_audio`."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -87,6 +138,7 @@ def load_audio_with_rate(path: str | os.PathLike, target_sr: int | None = SAMPLE
         raise AudioError(f"audio path {path!r} is a directory; give an audio file")
     import soundfile as sf
 
+    _check_header(path, max_seconds)
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=False)
     except Exception as sf_error:
@@ -105,8 +157,9 @@ def load_audio_with_rate(path: str | os.PathLike, target_sr: int | None = SAMPLE
             ) from None
         data = np.asarray(data, dtype=np.float32)
         if data.ndim == 2:  # librosa gives [channels, time]
-            data = data.mean(axis=0)
-    wav = _check_finite(to_mono(np.asarray(data, dtype=np.float32), name=path), path)
+            data = data.T
+        _check_rate_and_length(path, int(sr), data.shape[0], max_seconds)
+    wav = _check_finite(_mix_to_mono(np.asarray(data, dtype=np.float32), path), path)
     if target_sr is not None:
         wav = resample(wav, sr, target_sr)
         sr = target_sr

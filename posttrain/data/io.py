@@ -35,8 +35,30 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def check_unique_ids(rows: Sequence[dict], path: str, field: str = "id") -> list[dict]:
+    """``rows`` unchanged, or a DataError naming both lines when two rows share an ``id``
+    (a copy-pasted or twice-merged sample would count twice and leak between splits)."""
+    first: dict[str, Any] = {}
+    for row in rows:
+        if field not in row or row[field] is None:
+            continue
+        key = json.dumps(row[field], sort_keys=True, default=str)
+        if key in first:
+            raise DataError(
+                f"{path}, line {row.get('_line', '?')}: duplicate {field} {row[field]!r} (first on line {first[key]}); "
+                "give every row its own id or remove the repeated row"
+            )
+        first[key] = row.get("_line", "?")
+    return rows
+
+
 def load_rows(path: str) -> list[dict[str, Any]]:
-    """Rows from a jsonl / json / parquet file, a saved dataset folder, or a cached hub dataset."""
+    """Rows from a jsonl / json / parquet file, a saved dataset folder, or a cached hub dataset;
+    rows carrying an ``id`` must have distinct ones."""
+    return check_unique_ids(_load_rows(path), path)
+
+
+def _load_rows(path: str) -> list[dict[str, Any]]:
     if path.endswith(".jsonl"):
         return read_jsonl(path)
     if path.endswith(".json"):
@@ -101,8 +123,13 @@ def require_fields(rows: Sequence[dict], fields: Iterable[str], path: str) -> No
 def write_jsonl(path: str, rows: Iterable[dict]) -> None:
     """Write rows atomically (temp file, then rename), dropping bookkeeping fields."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise DataError(f"cannot write {path}: {e.strerror or e}; choose a writable path with free space") from None

@@ -422,6 +422,7 @@ def load_language_model(path: str, what: str = "model", trust_remote_code: bool 
     loads as such; anything else loads with AutoModelForCausalLM. Weights load from
     safetensors; remote code runs only if the user asked for it.
     """
+    trust_remote_code = trust_remote_code or hub.remote_code_allowed()  # the run's trust_remote_code key
     folder = hub.resolve(path, what)
     config = hub.read_config(folder)
     model_type = config.get("model_type", "")

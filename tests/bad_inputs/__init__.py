@@ -1,0 +1,1 @@
+"""The bad-input corpus (see cases.py) and the fixtures that make its files."""

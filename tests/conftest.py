@@ -54,3 +54,14 @@ def tiny_talker(posttrain_cache):
     from recipes.talker_pretrain import embedded_checkpoint
 
     return embedded_checkpoint(10, overrides=TINY_PRETRAIN)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line saying how many kinds of the bad-input corpus ran (tests/bad_inputs/cases.py)."""
+    ran = {
+        outcome: [r for r in terminalreporter.stats.get(outcome, []) if "test_bad_inputs.py::test_bad_input[" in getattr(r, "nodeid", "")]
+        for outcome in ("passed", "failed")
+    }
+    total = len(ran["passed"]) + len(ran["failed"])
+    if total:
+        terminalreporter.write_line(f"bad-input corpus: {total} kinds run through the CLI, {len(ran['passed'])} passed")

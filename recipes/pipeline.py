@@ -281,7 +281,7 @@ def run(cfg: Config) -> RunResult:
     record = []
     todo = [s for s in STAGES if s not in cfg.skip]
     for i, name in enumerate(todo, 1):
-        stage_dir = os.path.join(pipeline.path, name, STAGE_RUN_NAME)
+        stage_dir = os.path.abspath(os.path.join(pipeline.path, name, STAGE_RUN_NAME))  # hand-offs work from any folder
         stage_dirs[name] = stage_dir
         summary_path = os.path.join(stage_dir, "summary.json")
         overrides = stage_overrides(cfg, name, stage_dirs)
@@ -297,7 +297,7 @@ def run(cfg: Config) -> RunResult:
               + "".join(f"; {k} = {v}" for k, v in starts.items()), flush=True)
         module = load_recipe(name)
         stage_cfg = load_config(module.Config, defaults_path(name), overrides + [
-            f"output_dir={pipeline.path}", f"run_name={STAGE_RUN_NAME}", f"resume={'true' if resuming else 'false'}",
+            f"output_dir={os.path.abspath(pipeline.path)}", f"run_name={STAGE_RUN_NAME}", f"resume={'true' if resuming else 'false'}",
         ])
         started = time.time()
         try:
@@ -315,13 +315,15 @@ def run(cfg: Config) -> RunResult:
     # The table, the figure, summary.json / summary.md.
     rows = table_rows(results)
     seconds = round(time.time() - pipeline.start, 1)
+    stage_seconds = round(sum(s["seconds"] or 0 for s in record), 1)  # every stage, this run or an earlier one
     plot = plot_pipeline(rows, os.path.join(pipeline.path, "plots", "pipeline.png"),
-                         f"pipeline: every stage's target metrics before → after ({seconds / 60:.1f} min this run)")
+                         f"pipeline: every stage's target metrics before → after ({stage_seconds / 60:.1f} min of stages)")
     primary = [r for r in rows if r["primary"]]
     moved = sum(r["ok"] == "✓" for r in primary)
     summary = {
         "recipe": RECIPE,
         "seconds": seconds,
+        "stage_seconds": stage_seconds,
         "run_dir": pipeline.path,
         "metrics": {f"{r['stage']}/{r['metric']}": {"before": r["before"], "after": r["after"], "better": r["better"]} for r in rows},
         "primary": {f"{r['stage']}/{r['metric']}": r["ok"] for r in primary},
@@ -329,7 +331,7 @@ def run(cfg: Config) -> RunResult:
         "plot": plot,
     }
     stage_lines = "\n".join(
-        f"| {s['stage']} | {'ran' if s['ran'] else 'skipped (finished before)'} | {_fmt(s['seconds'])} | "
+        f"| {s['stage']} | {'ran' if s['ran'] else 'skipped (finished before)'} | {s['seconds'] or 0:.0f} | "
         + (", ".join(f"`{k}` = `{os.path.relpath(v, pipeline.path)}`" for k, v in s["reads"].items()) or "its own start") + " |"
         for s in record
     )
@@ -341,5 +343,5 @@ def run(cfg: Config) -> RunResult:
     write_text_atomic(os.path.join(pipeline.path, "summary.md"), markdown)
     write_json_atomic(os.path.join(pipeline.path, "summary.json"), summary)
     print("\n" + format_pipeline_table(rows), flush=True)
-    print(f"{RECIPE} done in {seconds:.0f}s: {moved} of {len(primary)} stage metrics (*) moved the right way  [{pipeline.path}]", flush=True)
+    print(f"{RECIPE} done in {seconds:.0f}s ({stage_seconds:.0f}s of stages in all): {moved} of {len(primary)} stage metrics (*) moved the right way  [{pipeline.path}]", flush=True)
     return RunResult(pipeline.path, summary)

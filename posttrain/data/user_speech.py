@@ -280,7 +280,7 @@ def load_user_speech(
                 if not os.path.isfile(audio_path):
                     raise DataError(f"{where}: audio file {audio!r} does not exist (looked for {audio_path}; relative paths are resolved from the data file's folder)")
                 try:
-                    wav = load_audio(audio_path, sr, max_seconds=max_seconds)
+                    wav = load_audio(audio_path, sr)  # files over an hour are refused from the header
                 except DataError as e:
                     raise DataError(f"{where}: {e}") from None
                 validate_audio(wav, sr, f"{where} ({audio})", min_seconds=min_seconds, max_seconds=max_seconds)

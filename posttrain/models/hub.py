@@ -127,8 +127,8 @@ def check_model_folder(folder: str, what: str = "model") -> None:
     for name, cfg in (("config.json", config), ("tokenizer_config.json", _read_optional(folder, "tokenizer_config.json"))):
         if cfg.get("auto_map") and not remote_code_allowed():
             raise ModelError(
-                f"{what} {folder!r} asks to run its own Python code ('auto_map' in {name}); posttrain never runs "
-                "code shipped with a model unless you pass trust_remote_code=true, so do that only if you trust "
+                f"{what} {folder!r} asks to run its own Python code ('auto_map' in {name}); posttrain never runs a "
+                "model's remote code unless you pass trust_remote_code=true, so do that only if you trust "
                 "its author, or use a folder of a model transformers supports natively"
             )
     model_type = config.get("model_type")

@@ -1,6 +1,9 @@
 """A Ray pool of 2 Hugging Face engines vs a pool of 1: generated tokens per second, side by side.
 
-Both pools serve the same saved tiny Thinker (hidden 256, 4 layers, MoE) and the same requests;
+Both pools serve the same saved tiny Thinker (hidden 256, 4 layers, MoE) and the same 128
+requests (one rollout batch of `thinker_interaction_rl`: 32 replies x 4 optimiser steps), which
+every engine generates in batches of 64 (the engine's default): one engine runs two batches
+one after the other, two engines one each, side by side;
 sampling is seeded per request (`posttrain.rollout.hf.request_seed`), so both return the very
 same completions and the token counts are equal by construction. Every engine actor is one
 process with ONE torch thread (checked inside the actors and reported): two engines on two cores
@@ -58,7 +61,7 @@ def actor_cpu_seconds(pool) -> list[float]:
     return ray.get([a.__ray_call__.remote(lambda self: __import__("time").process_time()) for a in pool.actors])
 
 
-def run(requests: int = 64, new_tokens: int = 32, reps: int = 4) -> dict:
+def run(requests: int = 128, new_tokens: int = 32, reps: int = 4, engine_batch: int = 64) -> dict:
     set_threads(1)  # the driver and, through the environment, every Ray worker: one thread each
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -68,7 +71,7 @@ def run(requests: int = 64, new_tokens: int = 32, reps: int = 4) -> dict:
     folder, tokenizer = tiny_policy_folder()
     batch = conversation_requests(tokenizer, requests, new_tokens)
     owns_ray = start_ray("local", num_cpus=3)  # logical CPUs for 3 actors; at most 2 busy at a time
-    spec = EngineSpec(kind="hf", model_path=folder, batch_size=requests, num_cpus=1.0)
+    spec = EngineSpec(kind="hf", model_path=folder, batch_size=engine_batch, num_cpus=1.0)
     pools = {"1 engine": RolloutPool(spec, num_engines=1), "2 engines": RolloutPool(spec, num_engines=2)}
     try:
         threads = {name: actor_threads(pool) for name, pool in pools.items()}
@@ -106,7 +109,7 @@ def run(requests: int = 64, new_tokens: int = 32, reps: int = 4) -> dict:
                 load_average=round(os.getloadavg()[0], 1),
                 torch_threads_per_engine=threads, cpu_cores=os.cpu_count(),
                 setup=f"tiny Thinker (hidden 256, 4 layers, MoE), {requests} requests x {new_tokens} new tokens, "
-                      f"HF generate batch {requests} (2 engines: {requests // 2} each), {reps} reps alternating",
+                      f"HF generate batches of {engine_batch} in every engine, {reps} reps alternating",
             )
         }
     finally:

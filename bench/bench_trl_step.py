@@ -67,7 +67,7 @@ class _StepClock:
         return w1 - w0, c1 - c0
 
 
-def run(steps: int = 12, reps: int = 3, batch_size: int = 32, num_generations: int = 8, completion_length: int = 24) -> dict:
+def run(steps: int = 8, reps: int = 3, batch_size: int = 32, num_generations: int = 8, completion_length: int = 24) -> dict:
     set_threads(1)
     import torch
     from datasets import Dataset

@@ -47,6 +47,7 @@ def cmd_list(_args) -> int:
 
 def cmd_run(args) -> int:
     from posttrain.config import load_config
+    from posttrain.distributed import check_recipe_supports
     from recipes import defaults_path, load_recipe
 
     if args.help or not args.recipe:
@@ -60,6 +61,7 @@ def cmd_run(args) -> int:
     from posttrain.models import hub
 
     hub.allow_remote_code(cfg.trust_remote_code)  # only what the user wrote enables it
+    check_recipe_supports(args.recipe, cfg)
     module.run(cfg)
     return 0
 

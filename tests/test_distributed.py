@@ -127,10 +127,13 @@ def test_interaction_rl_trains_under_zero_on_gpu(stage, tmp_path):
         "warmup.steps=20", "data.train_size=64", "data.eval_size=4", "data.long_eval_size=0",
         "gspo.batch_size=8", "gspo.num_generations=4", "gspo.steps_per_generation=2", "gspo.max_completion_length=8",
     ]
+    # one process: accelerate's simple launcher, which leaves the torch.distributed rendezvous
+    # (that DeepSpeed needs even alone) to the environment
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIG_DIR, "accelerate_multi_gpu.yaml"),
          "--num_processes", "1", "-m", "posttrain", "run", "thinker_interaction_rl", *overrides],
-        capture_output=True, text=True, cwd=REPO, timeout=1200, env=dict(os.environ),
+        capture_output=True, text=True, cwd=REPO, timeout=1200, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "thinker_interaction_rl" / "ds"

@@ -129,6 +129,19 @@ class OptimConfig:
 
 
 @dataclass
+class RolloutConfig:
+    engines: int = option(0, "rollout engines: 0 = in-process (shares the policy object), N = a Ray pool of N engine actors that receive the weights after every optimiser step", min=0)
+    kind: str = option("hf", "engine of each pool actor: hf (Hugging Face generate) or vllm (posttrain.rollout.vllm_engine)", choices=["hf", "vllm"])
+    ray_address: str = option("local", "Ray: local (a private local Ray), auto (the cluster this machine belongs to) or ray://host:port")
+    sync: str = option("full", "what a weight sync sends: full (the state dict) or lora (the peft adapter only; needs a LoRA policy)", choices=["full", "lora"])
+    one_step_off: bool = option(False, "generate the next rollout batch with weights one version old while the trainer trains (staleness 1, importance-corrected with the engine's sampling log-probs)")
+    reward_workers: int = option(0, "reward workers: 0 = score in-process, N = N Ray actors (each loads the reward models once)", min=0)
+    timeout_s: float = option(300.0, "seconds an engine may take for its share of a batch before it is named, restarted and the run stops", min=1.0)
+    engine_cpus: float = option(1.0, "CPUs per engine actor", min=0.0)
+    engine_gpus: float = option(0.0, "GPUs per engine actor", min=0.0)
+
+
+@dataclass
 class EvalConfig:
     temperature: float = option(1.0, "sampling temperature of held-out replies (0 = greedy); the seed is fixed, so before and after see the same draws", min=0.0)
     samples: int = option(2, "replies per held-out conversation", min=1)
@@ -147,9 +160,17 @@ class Config(RunConfig):
     gspo: GSPOConfig = option(default_factory=GSPOConfig, help="GSPO (TRL GRPOTrainer settings)")
     optim: OptimConfig = option(default_factory=OptimConfig, help="optimiser")
     eval: EvalConfig = option(default_factory=EvalConfig, help="held-out evaluation")
+    rollout: RolloutConfig = option(default_factory=RolloutConfig, help="where rollouts are generated and scored (in-process or a Ray pool)")
     rewards: list[RewardConfig] = option(default_factory=_default_rewards, help="weighted reward plugins [{name, weight, params}] (entry-point name or module:function)")
 
     def validate(self) -> None:
+        if self.rollout.sync == "lora":
+            raise ConfigError(
+                f"config key 'rollout.sync': lora sends only a LoRA adapter, but this recipe trains the policy's "
+                f"'{self.policy.train}' parameters in full; use rollout.sync=full"
+            )
+        if self.rollout.kind == "vllm" and not self.rollout.engines:
+            raise ConfigError("config key 'rollout.kind': vllm engines run in a Ray pool; set rollout.engines to 1 or more")
         if not self.rewards:
             raise ConfigError("config key 'rewards': give at least one reward plugin, e.g. rewards=[{name: language}]")
         if self.gspo.batch_size % self.gspo.num_generations:
@@ -413,6 +434,28 @@ def as_curve(metrics: dict) -> dict:
     return {"held_out/" + k.split("/", 1)[1]: v for k, v in metrics.items()}
 
 
+def make_rollout(cfg: Config, policy, tokenizer):
+    """(rollout engine, reward pool or None) as ``cfg.rollout`` asks."""
+    r = cfg.rollout
+    if not r.engines:
+        engine = HFEngine(policy, tokenizer)
+    else:
+        from posttrain.rollout.pool import EngineSpec, RolloutPool
+
+        path = embedded_warmup(cfg) if cfg.policy.path == "embedded" else cfg.policy.path
+        kwargs = {"model": path} if r.kind == "vllm" else {}
+        spec = EngineSpec(r.kind, path, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus, kwargs=kwargs)
+        engine = RolloutPool(spec, num_engines=r.engines, address=r.ray_address, timeout_s=r.timeout_s,
+                             num_cpus=max(2, r.engines + r.reward_workers))
+        print(f"rollout: a Ray pool of {r.engines} {r.kind} engines" + (", one step off" if r.one_step_off else ""), flush=True)
+    reward_pool = None
+    if r.reward_workers:
+        from posttrain.rollout.reward_pool import RewardPool
+
+        reward_pool = RewardPool(cfg.rewards, num_workers=r.reward_workers, address=r.ray_address, num_cpus=0.5)
+    return engine, reward_pool
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -436,11 +479,12 @@ def run(cfg: Config) -> RunResult:
     for suffix, rows in held_out.items():
         write_jsonl(run_dir.file("data", f"held_out{suffix}.jsonl"), rows)
 
-    # 2. The policy, and the rollout engine that samples from it (colocated: it holds the same
-    #    model object, so a weight update only advances its version).
+    # 2. The policy, and the rollout engine that samples from it: in-process (colocated: it holds
+    #    the same model object, so a weight update only advances its version) or a Ray pool of
+    #    engines, each loading the starting weights and then receiving every update.
     policy, tokenizer = load_policy(cfg)
     set_trainable(policy, cfg.policy.train)
-    engine = HFEngine(policy, tokenizer)
+    engine, reward_pool = make_rollout(cfg, policy, tokenizer)
     print(
         f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters; {len(train_rows)} training conversations "
         f"(~{mean_chars(train_rows):.0f} characters); held-out: "
@@ -504,6 +548,9 @@ def run(cfg: Config) -> RunResult:
     trainer = EngineGRPOTrainer(
         model=policy,
         engine=engine,
+        sync=cfg.rollout.sync,
+        one_step_off=cfg.rollout.one_step_off,
+        reward_pool=reward_pool,
         reward_funcs=reward_funcs,
         args=args,
         train_dataset=Dataset.from_list([{k: r.get(k) for k in columns} for r in train_rows]),
@@ -519,12 +566,19 @@ def run(cfg: Config) -> RunResult:
     if checkpoint:
         run_dir.rewind(int(os.path.basename(checkpoint).split("-")[1]))
         print(f"resuming from {checkpoint}", flush=True)
-    if cfg.max_steps:  # (max_steps=0 would make the Trainer count epochs instead)
-        trainer.train(resume_from_checkpoint=checkpoint)
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        # The controller: TRL's loop generates (engine), scores (rewards), trains and, after
+        # every optimiser step, syncs the weights to the engine (EngineGRPOTrainer).
+        if cfg.max_steps:  # (max_steps=0 would make the Trainer count epochs instead)
+            trainer.train(resume_from_checkpoint=checkpoint)
+        shutil.rmtree(staging, ignore_errors=True)
 
-    # 5. After: the same held-out sets, the same sampling seed; save the model; summarise.
-    after = evaluate(engine, tokenizer, held_out, cfg, rewards)
+        # 5. After: the same held-out sets, the same sampling seed; save the model; summarise.
+        after = evaluate(engine, tokenizer, held_out, cfg, rewards)
+    finally:
+        engine.close()
+        if reward_pool is not None:
+            reward_pool.close()
     run_dir.log(cfg.max_steps, as_curve(after))
     save_model(policy, tokenizer, run_dir.file("model"))
     targets = {k: (before.get(k), after[k], "higher") for k in after}

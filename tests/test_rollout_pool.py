@@ -21,7 +21,8 @@ SPEC = TinyThinkerSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1
 @pytest.fixture(scope="module")
 def ray_session():
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # logical CPUs: the module pool (2 engines), a recipe pool (2) and reward workers all fit
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -194,3 +195,39 @@ def test_a_reward_worker_killed_mid_chunk_scores_every_sample_once(ray_session):
         assert len(set(combined)) > 1
     finally:
         pool.close()
+
+
+def _recipe_run(tmp_path, name, *extra):
+    from posttrain.config import load_config
+    from recipes import defaults_path
+    from recipes.thinker_interaction_rl import RECIPE, Config, run
+    from tests.test_thinker_interaction_rl import _tiny_overrides
+
+    overrides = [o for o in _tiny_overrides(tmp_path) if not o.startswith("run_name=")] + [f"run_name={name}", *extra]
+    result = run(load_config(Config, defaults_path(RECIPE), overrides))
+    import json
+
+    with open(os.path.join(result.run_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    return result, [r for r in rows if "loss" in r]
+
+
+def test_a_recipe_run_served_by_a_pool_equals_the_in_process_run(ray_session, tmp_path):
+    local, local_rows = _recipe_run(tmp_path, "local")
+    pooled, pooled_rows = _recipe_run(tmp_path, "pool", "rollout.engines=2", "rollout.reward_workers=1")
+    assert ray.is_initialized()  # the module's Ray session was reused, not shut down
+    keys = ["reward/combined", "loss", "completion_length"]
+    flat = lambda rows: [r.get(k) for r in rows for k in keys if r.get(k) is not None]
+    assert len(flat(local_rows)) == len(flat(pooled_rows)) > 4
+    assert flat(pooled_rows) == pytest.approx(flat(local_rows), abs=1e-5)
+    for name, m in local.summary["metrics"].items():
+        assert pooled.summary["metrics"][name]["before"] == pytest.approx(m["before"], abs=1e-6)
+        assert pooled.summary["metrics"][name]["after"] == pytest.approx(m["after"], abs=1e-6)
+    assert any(r.get("rollout/sync_seconds", 0) > 0 for r in pooled_rows)  # full weights pushed, timed
+
+
+def test_one_step_off_generates_with_weights_one_version_old(ray_session, tmp_path):
+    result, rows = _recipe_run(tmp_path, "off", "rollout.engines=2", "rollout.one_step_off=true", "gspo.steps_per_generation=1", "max_steps=3")
+    # step 1 is generated on the spot; every later batch was submitted a step early
+    assert [r["rollout/staleness"] for r in rows] == [0.0, 1.0, 1.0]
+    assert result.summary["metrics"]["reward/combined"]["after"] is not None

@@ -16,6 +16,22 @@ the staleness at generation time is logged (``rollout/staleness``, 0 = on-policy
 mini-batches of one rollout batch (``steps_per_generation > 1``) are off-policy by design: that
 is what GSPO's clipped sequence ratio is for.
 
+**Rollout pool, reward workers, one-step-off.** The engine may be a Ray
+`posttrain.rollout.pool.RolloutPool`; it then receives the full state dict or, with
+``sync="lora"``, only the peft adapter (`weights_for_engine`), and the time spent is logged
+(``rollout/sync_seconds``). ``reward_pool`` (a `posttrain.rollout.reward_pool.RewardPool`) scores
+each rollout batch on reward workers instead of in-process. ``one_step_off=True`` overlaps
+generation with training: the batch trained at step ``u`` is submitted at the start of step
+``u - 1`` with the weights of version ``u - 1`` (the trainer looks one dataloader batch ahead),
+so while the trainer scores and trains step ``u - 1`` the pool is already generating; the
+staleness is exactly one version (``rollout/staleness`` = 1; the very first batch and the first
+of each epoch, which cannot be seen ahead, are generated on the spot with staleness 0). The
+importance correction: GSPO's ratio needs the behaviour policy in its denominator, so in this
+mode ``old_per_token_logps`` are the engine-reported log-probs of the sampled tokens under the
+weights that sampled them (`Completion.logprobs`, softmax(logits / T) over the vocabulary, as TRL
+scores), not TRL's recomputation with the current weights; the sequence ratio is then
+``exp(mean_t log pi_theta - log pi_behaviour)``, clipped as usual.
+
 A Qwen-Omni Thinker also needs ``_get_per_token_logps_and_entropies``: TRL's fused LM head
 runs ``model.base_model``, which for the Thinker is the Thinker itself (see the method).
 
@@ -28,12 +44,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 from typing import Callable
 
 import torch
 from transformers import TrainerCallback
 
+from posttrain.checkpoint import load_pretrained_into
+from posttrain.faults import fault_point
 from posttrain.registry import RewardSet, call_reward
 from posttrain.rollout import GenerationRequest, RolloutEngine, SamplingParams
 
@@ -72,8 +89,14 @@ GRPOTrainer = _import_grpo_trainer()
 class EngineGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer (GSPO with a sequence-level ratio) whose completions come from ``engine``."""
 
-    def __init__(self, *args, engine: RolloutEngine, **kwargs):
+    def __init__(self, *args, engine: RolloutEngine, sync: str = "full", one_step_off: bool = False,
+                 reward_pool=None, **kwargs):
         self.engine = engine
+        self.sync = sync
+        self.one_step_off = one_step_off
+        self.reward_pool = reward_pool
+        self._pending = {}  # one-step-off: step -> (prompt ids, submitted batch) of the rollout batch it trains
+        self._lookahead, self._lookahead_of, self._next_batch = [], None, None
         super().__init__(*args, **kwargs)
         self.add_callback(_PushWeightsCallback(self))
         unsupported = {
@@ -84,6 +107,8 @@ class EngineGRPOTrainer(GRPOTrainer):
             "generation_kwargs": bool(self.args.generation_kwargs),
             "tools": bool(self.tools),
         }
+        if one_step_off and self.args.gradient_accumulation_steps != 1:
+            unsupported["gradient_accumulation_steps != 1 with one_step_off"] = True
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ValueError(f"EngineGRPOTrainer generates with a posttrain rollout engine; unsupported GRPOConfig options: {', '.join(bad)}")
@@ -99,9 +124,72 @@ class EngineGRPOTrainer(GRPOTrainer):
         if self._engine_shares_model():
             state = None  # the engine holds this very model: the weights are already there
         else:
-            model = self.accelerator.unwrap_model(self.model)
-            state = {k: v.detach() for k, v in model.state_dict().items()}
+            from posttrain.rollout.pool import weights_for_engine
+
+            state = weights_for_engine(self.accelerator.unwrap_model(self.model), self.sync)
         self.engine.update_weights(state, version)
+        last = getattr(self.engine, "last_sync", None)
+        if last:
+            self._metrics["train"]["rollout/sync_seconds"].append(float(last["seconds"]))
+
+    # ------------------------------------------------------------------ one-step-off
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's next batches, keeping one more in hand (one-step-off submits it early)."""
+        if not self.one_step_off:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._lookahead_of is not epoch_iterator:  # a new epoch
+            self._lookahead, self._lookahead_of = [], epoch_iterator
+        while len(self._lookahead) < num_batches + 1:
+            try:
+                self._lookahead.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        batches, self._lookahead = self._lookahead[:num_batches], self._lookahead[num_batches:]
+        self._next_batch = self._lookahead[0] if self._lookahead else None
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _prepare_inputs(self, generation_batch):
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if (self.one_step_off and self.model.training and self._next_batch is not None
+                and (self._step + 1) % generate_every == 0):
+            # the next step starts a new rollout batch: submit it now, with this step's weights,
+            # and score and train this step while the engines generate it
+            import copy
+
+            prompts = [x["prompt"] for x in self._next_batch]
+            prompt_ids, _, _ = self._tokenize_prompts(copy.deepcopy(prompts))
+            prompt_ids = [list(map(int, ids)) for ids in prompt_ids]
+            requests, seed = self._requests(prompt_ids, step=self.state.global_step + 1)
+            self.sync_engine()  # (a no-op except after a resume)
+            self._pending[self.state.global_step + 1] = (prompt_ids, _submit(self.engine, requests, seed))
+            self._next_batch = None
+        return super()._prepare_inputs(generation_batch)
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.one_step_off and out.get("sampling_per_token_logps") is not None:
+            # the behaviour policy (one version old) in the ratio's denominator
+            out["old_per_token_logps"] = out["sampling_per_token_logps"]
+        return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self.reward_pool is None:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        from accelerate.utils import gather
+
+        keys = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")]
+        columns = {k: [x[k] for x in inputs] for k in keys}
+        _, per_reward = self.reward_pool.score(prompts, completions, **columns)
+        values = [[float("nan") if v is None else v for v in per_reward[label]] for label in self.reward_pool.labels]
+        return gather(torch.tensor(values, dtype=torch.float32, device=self.accelerator.device).T.contiguous())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        if os.path.exists(os.path.join(resume_from_checkpoint, "model.safetensors")) and not hasattr(unwrapped, "peft_config"):
+            # The Trainer's plain load_state_dict skips fused MoE experts (saved one by one).
+            load_pretrained_into(unwrapped, resume_from_checkpoint)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -137,21 +225,42 @@ class EngineGRPOTrainer(GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None or multimodal_fields:
             raise ValueError("EngineGRPOTrainer handles text prompts; audio/vision inputs go through the recipe's own engine requests")
-        self.sync_engine()  # a no-op after a step's push; needed after a resume (fresh engine)
+        prompt_ids = [list(map(int, ids)) for ids in prompt_ids]
+        pending = self._pending.pop(self.state.global_step, None)
+        if pending is not None and pending[0] == prompt_ids:  # submitted a step ago (one-step-off)
+            completions = _collect(self.engine, pending[1])
+        else:
+            self.sync_engine()  # a no-op after a step's push; needed after a resume (fresh engine)
+            requests, seed = self._requests(prompt_ids, step=self.state.global_step)
+            completions = self.engine.generate(requests, seed=seed)
+        mode = "train" if self.model.training else "eval"
+        staleness = max(self.state.global_step - c.weight_version for c in completions)
+        self._metrics[mode]["rollout/staleness"].append(float(staleness))
+        if not self.one_step_off:
+            return [list(c.token_ids) for c in completions], None
+        if any(c.logprobs is None for c in completions):
+            raise ValueError("one-step-off needs the engine to report sampling log-probs (Completion.logprobs)")
+        return [list(c.token_ids) for c in completions], [list(c.logprobs) for c in completions]
+
+    def _requests(self, prompt_ids: list[list[int]], step: int) -> tuple[list[GenerationRequest], int]:
         sampling = SamplingParams(
             max_new_tokens=self.max_completion_length,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k or 0,
         )
-        requests = [GenerationRequest(list(map(int, ids)), sampling, i) for i, ids in enumerate(prompt_ids)]
         # A seed per optimiser step: a resumed run samples what an uninterrupted one would.
-        seed = self.args.seed * 1_000_003 + self.state.global_step
-        completions = self.engine.generate(requests, seed=seed)
-        mode = "train" if self.model.training else "eval"
-        staleness = max(self.state.global_step - c.weight_version for c in completions)
-        self._metrics[mode]["rollout/staleness"].append(float(staleness))
-        return [list(c.token_ids) for c in completions], None
+        seed = self.args.seed * 1_000_003 + step
+        return [GenerationRequest(ids, sampling, i) for i, ids in enumerate(prompt_ids)], seed
+
+
+def _submit(engine: RolloutEngine, requests, seed):
+    """Start generating (a pool returns at once; an in-process engine generates now)."""
+    return engine.submit(requests, seed) if hasattr(engine, "submit") else engine.generate(requests, seed=seed)
+
+
+def _collect(engine: RolloutEngine, submitted):
+    return engine.collect(submitted) if hasattr(engine, "collect") else submitted
 
 
 class _PushWeightsCallback(TrainerCallback):
@@ -161,6 +270,7 @@ class _PushWeightsCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        fault_point("step")  # crash/resume tests: die between a step and its checkpoint
         self.trainer.sync_engine()
 
 
@@ -214,6 +324,7 @@ def _rename(key: str) -> str | None:
         "completions/mean_length": "completion_length",
         "frac_reward_zero_std": "frac_reward_zero_std",
         "rollout/staleness": "rollout/staleness",
+        "rollout/sync_seconds": "rollout/sync_seconds",
     }
     return renames.get(key)
 
@@ -276,7 +387,7 @@ class AtomicCheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         import json
 
-        from posttrain.checkpoint import _fsync_dir, list_checkpoints
+        from posttrain.checkpoint import publish
 
         src = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(src):
@@ -285,11 +396,6 @@ class AtomicCheckpointCallback(TrainerCallback):
             json.dump({"step": state.global_step, "format": "transformers-trainer"}, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        final = os.path.join(self.checkpoints, f"step-{state.global_step:06d}")
-        if os.path.exists(final):  # a resumed run re-saving the same step
-            shutil.rmtree(final)
-        os.rename(src, final)
-        _fsync_dir(self.checkpoints)
-        for old in list_checkpoints(self.checkpoints)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        fault_point("checkpoint")  # complete but not yet renamed into place
+        publish(src, self.checkpoints, state.global_step, keep=self.keep)
 

@@ -29,6 +29,11 @@ class RewardWorker:
     def __init__(self, specs: list):
         self.rewards = RewardSet(specs)
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def score(self, prompts: list, completions: list, columns: dict) -> dict[str, list]:
         return self.rewards.score(prompts, completions, **columns)[1]
 
@@ -71,7 +76,8 @@ class RewardPool:
         self._owns_ray = start_ray(address, max(2, int(num_workers * num_cpus + 0.999)))
         remote = ray.remote(RewardWorker).options(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)
         self.workers = [remote.remote(self.specs) for _ in range(num_workers)]
-        self.restarts = 0
+        self.pids = ray.get([w.pid.remote() for w in self.workers], timeout=self.timeout_s)
+        self.restarts = 0  # worker deaths recovered from
         self.resent_samples = 0
         self.score_seconds = 0.0
 
@@ -109,10 +115,12 @@ class RewardPool:
                 except ray.exceptions.RayActorError:
                     # died mid-chunk: wait for the restart, then this chunk (and only it) goes again
                     try:
-                        wait_restarted(self.workers[i].__ray_ready__.remote, self.timeout_s)
+                        pid = wait_restarted(self.workers[i].pid.remote, self.timeout_s)
                     except ray.exceptions.RayActorError as e:
                         raise RuntimeError(f"reward worker {i + 1} of {self.num_workers} died and could not be restarted: {e}") from None
-                    self.restarts += 1
+                    if pid != self.pids[i]:  # one death, however many of its chunks failed
+                        self.pids[i] = pid
+                        self.restarts += 1
                     self.resent_samples += stop - start
                     self._send(pending, i, start, stop, chunk)
                     continue

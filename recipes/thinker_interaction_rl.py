@@ -443,7 +443,7 @@ def make_rollout(cfg: Config, policy, tokenizer):
         from posttrain.rollout.pool import EngineSpec, RolloutPool
 
         path = embedded_warmup(cfg) if cfg.policy.path == "embedded" else cfg.policy.path
-        kwargs = {"model": path} if r.kind == "vllm" else {}
+        kwargs = {"model_path": path} if r.kind == "vllm" else {}
         spec = EngineSpec(r.kind, path, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus, kwargs=kwargs)
         engine = RolloutPool(spec, num_engines=r.engines, address=r.ray_address, timeout_s=r.timeout_s,
                              num_cpus=max(2, r.engines + r.reward_workers))

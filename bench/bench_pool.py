@@ -10,7 +10,9 @@ process with ONE torch thread (checked inside the actors and reported): two engi
 then use both cores without fighting over them, on an otherwise idle machine. Other jobs on the
 cores stretch wall time, so ``cpu_bound_ratio`` is reported beside the ratio: the busiest
 engine's CPU seconds per batch, 1 engine over 2, i.e. the ratio with a free core per engine
-(and the 1-minute load average at the end). Both pools live in one Ray session (3 actors,
+(and the 1-minute load average at the end), and ``free_cores_before/after``: the summed CPU share
+of two busy loops run side by side just before and after (2.0 on an idle 2-core machine), the
+most any ratio of two parallel processes can reach at that moment. Both pools live in one Ray session (3 actors,
 never more than 2 busy) and the repetitions alternate 1-2, 2-1, ...
 
     python -m bench.bench_pool      # or: make bench
@@ -23,7 +25,7 @@ import json
 import os
 import tempfile
 
-from bench.common import alternate, result, set_threads
+from bench.common import alternate, free_cores, result, set_threads
 
 
 def tiny_policy_folder(hidden_size: int = 256, num_layers: int = 4) -> tuple[str, object]:
@@ -68,6 +70,7 @@ def run(requests: int = 128, new_tokens: int = 32, reps: int = 4, engine_batch: 
 
     from posttrain.rollout.pool import EngineSpec, RolloutPool, start_ray
 
+    cores_before = free_cores()
     folder, tokenizer = tiny_policy_folder()
     batch = conversation_requests(tokenizer, requests, new_tokens)
     owns_ray = start_ray("local", num_cpus=3)  # logical CPUs for 3 actors; at most 2 busy at a time
@@ -107,6 +110,7 @@ def run(requests: int = 128, new_tokens: int = 32, reps: int = 4, engine_batch: 
                 cpu_bound_ratio=round(cpu_bound, 3),
                 tokens_per_batch=tokens["1 engine"], identical_completions=same,
                 load_average=round(os.getloadavg()[0], 1),
+                free_cores_before=cores_before, free_cores_after=free_cores(),
                 torch_threads_per_engine=threads, cpu_cores=os.cpu_count(),
                 setup=f"tiny Thinker (hidden 256, 4 layers, MoE), {requests} requests x {new_tokens} new tokens, "
                       f"HF generate batches of {engine_batch} in every engine, {reps} reps alternating",

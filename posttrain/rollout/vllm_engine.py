@@ -76,13 +76,44 @@ _EXPORT_VERSION = 1
 # prompt tokens sent to vLLM per generate call (its default prefill budget, see `generate`)
 PREFILL_TOKENS_PER_CALL = 2048
 
+
+
 def import_vllm():
     """The ``vllm`` module, or a ModelError saying how to install it."""
     try:
+        _tolerate_llvmlite_in_kernel_scan()
         import vllm
     except ImportError as e:
         raise ModelError(f"the vLLM rollout engine needs vLLM, which is not importable ({e}); {INSTALL_HINT}") from None
     return vllm
+
+
+def _tolerate_llvmlite_in_kernel_scan() -> None:
+    """vLLM 0.32 rebinds its Triton kernels by scanning every loaded module's objects; llvmlite's
+    ctypes library wrapper (loaded whenever librosa / numba ran in this process) answers
+    ``__dict__`` with a function wrapper and breaks that scan (``'_lib_fn_wrapper' object has no
+    attribute 'get'``). llvmlite holds no vLLM kernels, so its modules sit out the scan."""
+    import sys
+
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:  # another vLLM version: nothing to patch
+        return
+    scan = getattr(dispatcher, "_rebind_kernels", None)
+    if scan is None or getattr(scan, "_posttrain_tolerant", False):
+        return
+
+    def tolerant(*args, **kwargs):
+        hidden = {name: m for name, m in sys.modules.items() if name == "llvmlite" or name.startswith("llvmlite.")}
+        for name in hidden:
+            del sys.modules[name]
+        try:
+            return scan(*args, **kwargs)
+        finally:
+            sys.modules.update(hidden)
+
+    tolerant._posttrain_tolerant = True
+    dispatcher._rebind_kernels = tolerant
 
 
 def _read_config(folder: str) -> dict:

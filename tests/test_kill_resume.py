@@ -3,10 +3,12 @@ checkpoint save, during a weight sync, or at a random moment from outside) and r
 ``resume=true``, ends with the summary metrics of an uninterrupted run of the same seed, and
 leaves only complete, loadable checkpoints.
 
-Tolerance: exact (``==``). Every recipe draws its batches from (seed, step), seeds each
+Tolerance: relative 1e-6. Every recipe draws its batches from (seed, step), seeds each
 generation call from (seed, step), and checkpoints model, optimiser, scheduler and RNG states,
 so on CPU with the same thread count a resumed run does the same floating-point operations in
-the same order as an uninterrupted one. The killed runs are subprocesses (SIGKILL needs one);
+the same order as an uninterrupted one; losses and rewards come out equal. The speaker
+encoder's similarity, computed in another process, has differed in the 9th digit (measured:
+0.6602759960 vs 0.6602759993), hence the tolerance. The killed runs are subprocesses (SIGKILL needs one);
 the uninterrupted reference and the final resume run in this process with torch held to the
 subprocesses' one thread, so they compute with the same kernels.
 """
@@ -132,7 +134,9 @@ def _assert_same_summary(name: str, resumed: dict, straight: dict) -> None:
     assert resumed["metrics"].keys() == straight["metrics"].keys()
     for metric, value in straight["metrics"].items():
         got = resumed["metrics"][metric]
-        assert (got["before"], got["after"]) == (value["before"], value["after"]), f"{name} {metric}: resumed {got} vs uninterrupted {value}"
+        for key in ("before", "after"):
+            same = got[key] == value[key] if value[key] is None else got[key] == pytest.approx(value[key], rel=1e-6, abs=1e-9)
+            assert same, f"{name} {metric}: resumed {got} vs uninterrupted {value}"
 
 
 def _assert_checkpoints_sound(run_dir: str) -> list[str]:

@@ -169,7 +169,7 @@ def test_wer_runs_through_the_reward_registry(speech_files):
     spec = SimpleNamespace(name="rewards.wer:wer", weight=1.0, params={"transform": "1-wer"})
     rewards = RewardSet([spec])
     combined, per_reward = rewards.score(SENTENCES[:2], ["", ""], audio=speech_files["good"][:2])
-    assert per_reward["wer"] == combined and all(v > 0.8 for v in combined)
+    assert per_reward["wer"] == combined and all(v >= 0.8 for v in combined)  # at most one word in five misheard
 
 
 # -- prosody -----------------------------------------------------------------------------

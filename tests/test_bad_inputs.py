@@ -18,7 +18,6 @@ import pytest
 
 from posttrain import cli
 from tests.bad_inputs.cases import CASES, Case
-from tests.conftest import REPO
 
 BY_NAME = {c.name: c for c in CASES}
 assert len(BY_NAME) == len(CASES), "case names must be unique"

@@ -22,7 +22,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from posttrain.config import load_config
 from recipes import defaults_path, load_recipe

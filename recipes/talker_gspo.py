@@ -229,6 +229,6 @@ def run(cfg: Config) -> RunResult:
         "f0_range": (before["f0_range"], after["f0_range"], "higher"),
         "speaker_similarity": (before["speaker_similarity"], after["speaker_similarity"], "higher"),
     }
-    f0_kept = after["f0_range"] / before["f0_range"] if before.get("f0_range") else None
+    f0_kept = after["f0_range"] / before["f0_range"] if before.get("f0_range") and after.get("f0_range") is not None else None
     return run_dir.finish(targets, extra={"start": talker_dir, "f0_range_kept": f0_kept, "eval": after,
                                           "rewards": [{"name": r.name, "weight": r.weight, "params": r.params} for r in cfg.rewards]})

@@ -77,7 +77,6 @@ _EXPORT_VERSION = 1
 PREFILL_TOKENS_PER_CALL = 2048
 
 
-
 def import_vllm():
     """The ``vllm`` module, or a ModelError saying how to install it."""
     try:

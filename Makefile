@@ -1,5 +1,5 @@
 # make recipe=NAME [ARGS="key=value ..."]   install on first use, then run a recipe
-# make test                                 install, then run the whole test suite
+# make test                                 install, then run the whole test suite (2 workers)
 # make bench                                benchmarks (ratios measured side by side)
 # make list                                 the recipes and what they do
 SHELL := /bin/bash
@@ -9,6 +9,10 @@ STAMP := $(VENV)/.posttrain-installed
 recipe ?=
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers, one math-library thread each (the suite is mostly single-threaded
+# subprocess and recipe runs: two workers keep both cores of a 2-core machine busy)
+TEST_WORKERS ?= 2
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 
 .DEFAULT_GOAL := run
 .PHONY: run test test-fast bench list install clean
@@ -25,10 +29,10 @@ $(STAMP): pyproject.toml scripts/install.sh
 	@touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -139,6 +139,7 @@ class RolloutConfig:
     timeout_s: float = option(300.0, "seconds an engine may take for its share of a batch before it is named, restarted and the run stops", min=1.0)
     engine_cpus: float = option(1.0, "CPUs per engine actor", min=0.0)
     engine_gpus: float = option(0.0, "GPUs per engine actor", min=0.0)
+    tensor_parallel: int = option(1, "vllm: GPUs each engine shards the model over (vLLM tensor_parallel_size); rollout.engine_gpus must cover them", min=1)
 
 
 @dataclass
@@ -171,6 +172,14 @@ class Config(RunConfig):
             )
         if self.rollout.kind == "vllm" and not self.rollout.engines:
             raise ConfigError("config key 'rollout.kind': vllm engines run in a Ray pool; set rollout.engines to 1 or more")
+        if self.rollout.tensor_parallel > 1:
+            if self.rollout.kind != "vllm" or not self.rollout.engines:
+                raise ConfigError("config key 'rollout.tensor_parallel': tensor parallelism is for vllm engines; set rollout.kind=vllm and rollout.engines to 1 or more")
+            if self.rollout.engine_gpus < self.rollout.tensor_parallel:
+                raise ConfigError(
+                    f"config key 'rollout.tensor_parallel': {self.rollout.tensor_parallel} GPUs per engine, but rollout.engine_gpus "
+                    f"is {self.rollout.engine_gpus:g}; set rollout.engine_gpus={self.rollout.tensor_parallel}"
+                )
         if not self.rewards:
             raise ConfigError("config key 'rewards': give at least one reward plugin, e.g. rewards=[{name: language}]")
         if self.gspo.batch_size % self.gspo.num_generations:
@@ -443,7 +452,7 @@ def make_rollout(cfg: Config, policy, tokenizer):
         from posttrain.rollout.pool import EngineSpec, RolloutPool
 
         path = embedded_warmup(cfg) if cfg.policy.path == "embedded" else cfg.policy.path
-        kwargs = {"model_path": path} if r.kind == "vllm" else {}
+        kwargs = {"model_path": path, "tensor_parallel_size": r.tensor_parallel} if r.kind == "vllm" else {}
         spec = EngineSpec(r.kind, path, num_cpus=r.engine_cpus, num_gpus=r.engine_gpus, kwargs=kwargs)
         engine = RolloutPool(spec, num_engines=r.engines, address=r.ray_address, timeout_s=r.timeout_s,
                              num_cpus=max(2, r.engines + r.reward_workers))
@@ -544,7 +553,10 @@ def run(cfg: Config) -> RunResult:
     optimizer = make_optimizer(policy, cfg.optim.lr, cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.schedule)
     columns = sorted({k for r in train_rows for k in r})  # every row gets every column (None where missing)
-    evaluate_now = lambda step: as_curve(evaluate(engine, tokenizer, held_out, cfg, rewards))
+    def evaluate_now(step: int) -> dict:
+        with trainer.full_weights():  # (all weights gathered under ZeRO-3; else a no-op)
+            return as_curve(evaluate(engine, tokenizer, held_out, cfg, rewards))
+
     trainer = EngineGRPOTrainer(
         model=policy,
         engine=engine,
@@ -574,12 +586,13 @@ def run(cfg: Config) -> RunResult:
         shutil.rmtree(staging, ignore_errors=True)
 
         # 5. After: the same held-out sets, the same sampling seed; save the model; summarise.
-        after = evaluate(engine, tokenizer, held_out, cfg, rewards)
+        with trainer.full_weights():
+            after = evaluate(engine, tokenizer, held_out, cfg, rewards)
+            save_model(policy, tokenizer, run_dir.file("model"))
     finally:
         engine.close()
         if reward_pool is not None:
             reward_pool.close()
     run_dir.log(cfg.max_steps, as_curve(after))
-    save_model(policy, tokenizer, run_dir.file("model"))
     targets = {k: (before.get(k), after[k], "higher") for k in after}
     return run_dir.finish(targets)

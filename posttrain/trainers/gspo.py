@@ -42,6 +42,7 @@ bar, evaluations; `AtomicCheckpointCallback`: checkpoints renamed into place whe
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import Callable
@@ -116,6 +117,21 @@ class EngineGRPOTrainer(GRPOTrainer):
     def _engine_shares_model(self) -> bool:
         return getattr(self.engine, "model", None) is self.accelerator.unwrap_model(self.model)
 
+    def _zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
+    def full_weights(self):
+        """A context in which the policy holds all of its weights. Under DeepSpeed ZeRO-3 each
+        process keeps only a shard of every parameter; here they are gathered for the duration
+        (TRL's ``unwrap_model_for_generation``), as generation by an in-process engine, held-out
+        evaluation, a weight sync and saving need. Elsewhere a no-op."""
+        if not self._zero3():
+            return contextlib.nullcontext()
+        from trl.models.utils import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(self.model_wrapped, self.accelerator, gather_deepspeed3_params=True)
+
     def sync_engine(self) -> None:
         """Push the current weights to the engine (version = global step), unless it has them."""
         version = self.state.global_step
@@ -124,9 +140,14 @@ class EngineGRPOTrainer(GRPOTrainer):
         if self._engine_shares_model():
             state = None  # the engine holds this very model: the weights are already there
         else:
-            from posttrain.rollout.pool import weights_for_engine
+            from posttrain.rollout.pool import LoraUpdate, weights_for_engine
 
-            state = weights_for_engine(self.accelerator.unwrap_model(self.model), self.sync)
+            with self.full_weights():
+                state = weights_for_engine(self.accelerator.unwrap_model(self.model), self.sync)
+                if self._zero3():  # the gathered tensors are released when the context ends: copy them
+                    tensors = state.tensors if isinstance(state, LoraUpdate) else state
+                    for k in tensors:
+                        tensors[k] = tensors[k].clone()
         self.engine.update_weights(state, version)
         last = getattr(self.engine, "last_sync", None)
         if last:
@@ -232,7 +253,8 @@ class EngineGRPOTrainer(GRPOTrainer):
         else:
             self.sync_engine()  # a no-op after a step's push; needed after a resume (fresh engine)
             requests, seed = self._requests(prompt_ids, step=self.state.global_step)
-            completions = self.engine.generate(requests, seed=seed)
+            with self.full_weights() if self._engine_shares_model() else contextlib.nullcontext():
+                completions = self.engine.generate(requests, seed=seed)
         mode = "train" if self.model.training else "eval"
         staleness = max(self.state.global_step - c.weight_version for c in completions)
         self._metrics[mode]["rollout/staleness"].append(float(staleness))

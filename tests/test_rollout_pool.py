@@ -90,6 +90,23 @@ def test_weight_versions_advance_and_a_mixed_version_batch_is_refused(pool, toke
     assert {c.weight_version for c in pool.generate(reqs)} == {start + 1}
 
 
+def test_a_push_that_does_not_wait_is_loaded_before_the_next_batch(pool, tokenizer):
+    reqs = _requests(tokenizer, n=4, temperature=0.0)
+    new = build_tiny_thinker(tokenizer, SPEC, seed=2).eval()
+    start, synced = pool.weight_version, pool.sync_seconds
+    pending = pool.submit(reqs)  # generating with the old weights while the push is queued
+    pool.update_weights(weights_for_engine(new), start + 1, wait=False)
+    assert pool.last_sync["waited"] is False and "loaded_seconds" not in pool.last_sync
+    old_batch = pool.collect(pending)
+    assert {c.weight_version for c in old_batch} == {start}
+    out = pool.generate(reqs)  # queued after the loads: the new weights
+    assert {c.weight_version for c in out} == {start + 1}
+    assert [c.token_ids for c in out] == [c.token_ids for c in HFEngine(new, tokenizer).generate(reqs)]
+    assert pool.sync_seconds == synced  # not confirmed yet
+    pool.confirm_weights()
+    assert pool.last_sync["loaded_seconds"] > 0 and pool.sync_seconds > synced
+
+
 def test_an_engine_killed_mid_batch_still_answers_every_prompt_once(pool, tokenizer):
     reqs = _requests(tokenizer, n=8)
     expected = pool.generate(reqs, seed=11)

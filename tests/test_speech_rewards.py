@@ -16,6 +16,7 @@ from posttrain.audio.tts import synthesize
 from posttrain.errors import AudioError, ModelError, RewardError
 from posttrain.registry import RewardSet
 from rewards._text_norm import normalize_text
+from rewards.asr_likelihood import asr_likelihood, reference_logprobs
 from rewards.prosody import prosody
 from rewards.speaker import speaker_similarity
 from rewards.wer import TRANSFORMS, transcribe_and_score, wer, wer_stats, word_error_rate
@@ -170,6 +171,33 @@ def test_wer_runs_through_the_reward_registry(speech_files):
     rewards = RewardSet([spec])
     combined, per_reward = rewards.score(SENTENCES[:2], ["", ""], audio=speech_files["good"][:2])
     assert per_reward["wer"] == combined and all(v >= 0.8 for v in combined)  # at most one word in five misheard
+
+
+# -- asr_likelihood ----------------------------------------------------------------------
+
+
+def test_asr_likelihood_ranks_the_right_words_above_corrupted_ones_and_is_deterministic(speech_files):
+    n = len(SENTENCES)
+    good = asr_likelihood(SENTENCES, [""] * n, audio=speech_files["good"])
+    bad = asr_likelihood(SENTENCES, [""] * n, audio=speech_files["bad"])
+    assert all(0.0 < r <= 1.0 for r in good + bad)
+    # the reference read against its own audio beats it read against audio missing a word
+    assert np.mean(np.array(good) > np.array(bad)) >= 0.9
+    assert np.mean(good) > 2 * np.mean(bad)
+    assert asr_likelihood(SENTENCES[:3], [""] * 3, audio=speech_files["good"][:3]) == good[:3]  # same audio, same reward
+
+
+def test_asr_likelihood_is_the_geometric_mean_token_probability(speech_files):
+    logps = reference_logprobs(SENTENCES[:2], ["", ""], audio=speech_files["good"][:2])
+    assert all(len(lp) >= 10 and all(v <= 0.0 for v in lp) for lp in logps)  # one per reference token
+    rewards = asr_likelihood(SENTENCES[:2], ["", ""], audio=speech_files["good"][:2])
+    assert rewards == pytest.approx([math.exp(sum(lp) / len(lp)) for lp in logps])
+    # another sentence's audio: the reference is far less probable
+    swapped = asr_likelihood(SENTENCES[:2], ["", ""], audio=speech_files["good"][2:4])
+    assert max(swapped) < 0.5 * min(rewards)
+    assert asr_likelihood(["!!!", ""], ["", ""], audio=speech_files["good"][:2], text=["", None]) == [None, None]
+    with pytest.raises(RewardError, match="needs faster-whisper"):
+        asr_likelihood(["a"], [""], audio=speech_files["good"][:1], backend="openai-whisper")
 
 
 # -- prosody -----------------------------------------------------------------------------

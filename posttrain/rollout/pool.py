@@ -26,7 +26,8 @@
   different versions (or not the pool's) is refused. ``state`` is a full state dict or a
   `LoraUpdate` (the peft adapter's tensors and config, not a merged copy; the actor wraps its
   model with the same adapter config on the first one). ``sync_seconds`` accumulates the time
-  spent; ``last_sync`` names the tensors sent.
+  spent; ``last_sync`` names the tensors sent. ``update_weights(..., wait=False)`` only queues
+  the loads (each actor runs them before any later batch) and confirms them at the next push.
 - **Faults**: actors restart (Ray ``max_restarts``); when one dies mid-batch, its finished
   chunks are kept, the pool waits for the restarted actor, loads it with the current weights and
   version, and re-sends only its unfinished chunks, so every prompt is answered exactly once.
@@ -245,6 +246,7 @@ class RolloutPool(RolloutEngine):
             self.nodes[i], self.pids[i] = info["node"], info["pid"]
         self.weight_version = 0
         self._state_ref = None
+        self._unconfirmed = None  # (actor refs, version, start, last_sync record) of a push not yet waited for
         self.sync_seconds = 0.0  # all weight syncs so far
         self.last_sync: dict = {}  # the last sync: seconds, tensors (names), bytes
         self.restarts = 0  # actor deaths recovered from
@@ -361,19 +363,48 @@ class RolloutPool(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, state, version: int) -> None:
-        """Load ``state`` (full state dict or `LoraUpdate`) into every engine, tagged ``version``."""
+    def update_weights(self, state, version: int, wait: bool = True) -> None:
+        """Load ``state`` (full state dict or `LoraUpdate`) into every engine, tagged ``version``.
+
+        ``wait=False`` returns as soon as the state is in the object store and every actor has
+        the load queued: an actor runs its calls in order, so the load happens after the batch it
+        may be generating and before any batch submitted later, which is therefore generated with
+        these weights (and says so in its versions). The loads are confirmed (errors raised, the
+        whole time added to ``sync_seconds``) at the next ``update_weights``, `confirm_weights` or
+        `close`. One-step-off training pushes this way: the trainer need not wait for the engines
+        to finish the batch they are generating for its next step.
+        """
         import ray
 
         if state is None:
             raise ValueError("a rollout pool holds its own copies of the weights: pass the state (weights_for_engine)")
         if version <= self.weight_version:
             raise ValueError(f"weight version {version} is not newer than the pool's version {self.weight_version}")
+        self.confirm_weights()  # the previous push, if it was not waited for
         start = time.perf_counter()
         tensors = state.tensors if isinstance(state, LoraUpdate) else state
         ref = ray.put(state)
         self._state_ref, self.weight_version = ref, version
         refs = [a.update_weights.remote(ref, version) for a in self.actors]
+        self.last_sync = {
+            "seconds": time.perf_counter() - start,  # what the caller waited: replaced below when it waits
+            "kind": "lora" if isinstance(state, LoraUpdate) else "full",
+            "tensors": sorted(tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "waited": wait,
+        }
+        self._unconfirmed = (refs, version, start, self.last_sync)
+        if wait:
+            self.confirm_weights()
+
+    def confirm_weights(self) -> None:
+        """Wait until every engine has loaded the last pushed weights (see `update_weights`)."""
+        import ray
+
+        if self._unconfirmed is None:
+            return
+        refs, version, start, record = self._unconfirmed
+        self._unconfirmed = None
         for i, r in enumerate(refs):
             try:
                 ray.get(r, timeout=self.timeout_s)
@@ -385,16 +416,14 @@ class RolloutPool(RolloutEngine):
                 raise RolloutTimeoutError(f"{self.name(i)} did not load weight version {version} within {self.timeout_s:g} s (restarted)") from None
         seconds = time.perf_counter() - start
         self.sync_seconds += seconds
-        self.last_sync = {
-            "seconds": seconds,
-            "kind": "lora" if isinstance(state, LoraUpdate) else "full",
-            "tensors": sorted(tensors),
-            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-        }
+        record["loaded_seconds"] = seconds
+        if record["waited"]:
+            record["seconds"] = seconds
 
     def close(self) -> None:
         import ray
 
+        self._unconfirmed = None  # (the actors go now: nothing left to confirm)
         if not ray.is_initialized():
             return
         for actor in self.actors:

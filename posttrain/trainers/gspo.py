@@ -19,7 +19,8 @@ is what GSPO's clipped sequence ratio is for.
 **Rollout pool, reward workers, one-step-off.** The engine may be a Ray
 `posttrain.rollout.pool.RolloutPool`; it then receives the full state dict or, with
 ``sync="lora"``, only the peft adapter (`weights_for_engine`), and the time spent is logged
-(``rollout/sync_seconds``). ``reward_pool`` (a `posttrain.rollout.reward_pool.RewardPool`) scores
+(``rollout/sync_seconds``; in one-step-off mode the push does not wait for the engines' loads,
+which queue behind the batch they are generating, so it is the time the trainer waited). ``reward_pool`` (a `posttrain.rollout.reward_pool.RewardPool`) scores
 each rollout batch on reward workers instead of in-process. ``one_step_off=True`` overlaps
 generation with training: the batch trained at step ``u`` is submitted at the start of step
 ``u - 1`` with the weights of version ``u - 1`` (the trainer looks one dataloader batch ahead),
@@ -148,7 +149,12 @@ class EngineGRPOTrainer(GRPOTrainer):
                     tensors = state.tensors if isinstance(state, LoraUpdate) else state
                     for k in tensors:
                         tensors[k] = tensors[k].clone()
-        self.engine.update_weights(state, version)
+        if self.one_step_off and hasattr(self.engine, "confirm_weights"):
+            # a pool: queue the loads behind the batch the engines are generating, and go on
+            # training; they are confirmed at the next push (the versions prove them meanwhile)
+            self.engine.update_weights(state, version, wait=False)
+        else:
+            self.engine.update_weights(state, version)
         last = getattr(self.engine, "last_sync", None)
         if last:
             self._metrics["train"]["rollout/sync_seconds"].append(float(last["seconds"]))

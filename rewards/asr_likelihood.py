@@ -1,0 +1,79 @@
+"""Graded intelligibility reward: how probable the ASR finds the reference text given the audio.
+
+`wer` counts the words a greedy Whisper transcript gets wrong: an utterance whose words are
+almost right and one that is unintelligible can both score WER 1, and a small change in the
+audio can flip a whole word. For RL on an early speech generator that count is a weak signal:
+most rollouts of one prompt tie. This reward instead forces Whisper to read the reference text
+(teacher forcing, CTranslate2's ``align``: the same pass faster-whisper runs for word
+timestamps) and takes the probability it gives each token: deterministic, graded, and it keeps
+rising as speech gets clearer long after the greedy transcript stopped changing.
+
+    reward = exp(mean over the reference's tokens of log p(token | audio, earlier tokens))
+
+the per-token geometric-mean probability, in (0, 1]. Measured on espeak-ng speech with the
+packaged tiny.en: the right sentence ~0.34 (mean log-prob -1.07), another sentence's audio
+~0.0004 (-7.8), the right sentence under loud noise ~0.002 (-6.2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from posttrain.audio.io import audio_column
+from posttrain.errors import RewardError
+from rewards import as_text, column
+from rewards.wer import _per_sample_languages
+
+__all__ = ["asr_likelihood", "reference_logprobs"]
+
+
+def reference_logprobs(
+    prompts: Sequence | None,
+    completions: Sequence,
+    backend: str = "faster-whisper",
+    model: str = "embedded",
+    language: str | Sequence[str] | None = "en",
+    audio_key: str = "audio",
+    **columns: Any,
+) -> list[list[float]]:
+    """Per sample, the log-probability of each reference token (``[]`` for an empty reference).
+    The reference is the ``text`` column when present, else the prompt's text."""
+    from posttrain.audio.asr import get_asr
+
+    if backend != "faster-whisper":
+        raise RewardError(f"asr_likelihood: backend {backend!r} is not supported; it needs faster-whisper (CTranslate2's align)")
+    n = len(completions)
+    prompts = list(prompts) if prompts is not None else [None] * n
+    texts = column(columns, "text", n)
+    references = [as_text(t) if t is not None else as_text(p) for t, p in zip(texts, prompts)]
+    waveforms = audio_column(columns, n, name=audio_key)
+    languages = _per_sample_languages(language, n)
+    out: list[list[float]] = [[] for _ in range(n)]
+    for lang in sorted(set(languages)):
+        idx = [i for i in range(n) if languages[i] == lang]
+        asr = get_asr(backend=backend, model=model, language=lang)
+        for i, logps in zip(idx, asr.reference_logprobs([waveforms[i] for i in idx], [references[i] for i in idx])):
+            out[i] = logps
+    return out
+
+
+def asr_likelihood(
+    prompts: Sequence | None,
+    completions: Sequence,
+    backend: str = "faster-whisper",
+    model: str = "embedded",
+    language: str | Sequence[str] | None = "en",
+    audio_key: str = "audio",
+    **columns: Any,
+) -> list[float | None]:
+    """Reward for speech from which the ASR reads exactly the reference: the geometric-mean
+    probability Whisper, teacher-forced on the reference, gives its tokens, in (0, 1].
+
+    Columns as for `wer`: ``audio`` (path, array + ``sample_rate``, or dict), optional ``text``
+    (the reference; default the prompt's text), optional ``language``. ``None`` for a sample
+    whose reference is empty. Params: ``model`` ("embedded" = the packaged tiny.en, or a
+    CTranslate2 Whisper folder), ``language``. Only the faster-whisper backend.
+    """
+    logps = reference_logprobs(prompts, completions, backend, model, language, audio_key, **columns)
+    return [math.exp(sum(lp) / len(lp)) if lp else None for lp in logps]

@@ -25,10 +25,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from posttrain.audio.io import audio_column
 from posttrain.errors import RewardError
-from rewards import as_text, column
-from rewards.wer import _per_sample_languages
+from rewards.wer import speech_inputs
 
 __all__ = ["asr_likelihood", "reference_logprobs", "TRANSFORMS"]
 
@@ -54,12 +52,8 @@ def reference_logprobs(
 
     if backend != "faster-whisper":
         raise RewardError(f"asr_likelihood: backend {backend!r} is not supported; it needs faster-whisper (CTranslate2's align)")
+    references, waveforms, languages = speech_inputs(prompts, completions, language, audio_key, columns)
     n = len(completions)
-    prompts = list(prompts) if prompts is not None else [None] * n
-    texts = column(columns, "text", n)
-    references = [as_text(t) if t is not None else as_text(p) for t, p in zip(texts, prompts)]
-    waveforms = audio_column(columns, n, name=audio_key)
-    languages = _per_sample_languages(language, n)
     out: list[list[float]] = [[] for _ in range(n)]
     for lang in sorted(set(languages)):
         idx = [i for i in range(n) if languages[i] == lang]

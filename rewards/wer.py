@@ -80,6 +80,16 @@ def _per_sample_languages(language: Any, n: int) -> list[str]:
     return [base_language(v) for v in values]
 
 
+def speech_inputs(prompts: Sequence | None, completions: Sequence, language, audio_key: str, columns: dict):
+    """``(references, waveforms, languages)`` of a speech reward's call: the reference is the
+    ``text`` column when present, else the prompt's text; the audio comes from ``audio_key``."""
+    n = len(completions)
+    prompts = list(prompts) if prompts is not None else [None] * n
+    texts = column(columns, "text", n)
+    references = [as_text(t) if t is not None else as_text(p) for t, p in zip(texts, prompts)]
+    return references, audio_column(columns, n, name=audio_key), _per_sample_languages(language, n)
+
+
 def transcribe_and_score(
     prompts: Sequence | None,
     completions: Sequence,
@@ -95,13 +105,8 @@ def transcribe_and_score(
     prompt's text."""
     from posttrain.audio.asr import get_asr
 
+    references, waveforms, languages = speech_inputs(prompts, completions, language, audio_key, columns)
     n = len(completions)
-    prompts = list(prompts) if prompts is not None else [None] * n
-    texts = column(columns, "text", n)
-    references = [as_text(t) if t is not None else as_text(p) for t, p in zip(texts, prompts)]
-    waveforms = audio_column(columns, n, name=audio_key)
-    languages = _per_sample_languages(language, n)
-
     transcripts: list[str] = [""] * n
     for lang in sorted(set(languages)):  # one ASR pass per language, packed across samples
         idx = [i for i in range(n) if languages[i] == lang]

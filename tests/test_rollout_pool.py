@@ -59,6 +59,26 @@ def _in_actor(pool, i, fn):
     return ray.get(pool.actors[i].__ray_call__.remote(fn))
 
 
+def _dies_on_second_call():
+    """A hook for `_in_actor`: the engine's process dies half a second into its second
+    generate call, i.e. mid-generation (dying at once could also lose the reply to the first
+    call, still in flight, and then both chunks would rightly be sent again)."""
+
+    def install(worker):
+        generate, calls = worker.engine.generate, []
+
+        def dying(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                time.sleep(0.5)
+                os._exit(1)
+            return generate(*args, **kwargs)
+
+        worker.engine.generate = dying  # (actor methods are looked up on the class; the engine's are not)
+
+    return install
+
+
 def test_a_pool_of_two_engines_returns_the_in_process_completions(pool, folder, tokenizer):
     reqs = _requests(tokenizer)
     local = _local_engine(folder).generate(reqs, seed=5)
@@ -111,18 +131,7 @@ def test_an_engine_killed_mid_batch_still_answers_every_prompt_once(pool, tokeni
     reqs = _requests(tokenizer, n=8)
     expected = pool.generate(reqs, seed=11)
 
-    def die_on_second_call(worker):
-        generate, calls = worker.engine.generate, []
-
-        def dying(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                os._exit(1)
-            return generate(*args, **kwargs)
-
-        worker.engine.generate = dying  # (actor methods are looked up on the class; the engine's are not)
-
-    _in_actor(pool, 1, die_on_second_call)
+    _in_actor(pool, 1, _dies_on_second_call())
     restarts, resent, pid = pool.restarts, pool.resent_requests, pool.pids[1]
     out = pool.generate(reqs, seed=11)
     assert pool.restarts == restarts + 1 and pool.pids[1] != pid
@@ -130,6 +139,23 @@ def test_an_engine_killed_mid_batch_still_answers_every_prompt_once(pool, tokeni
     assert [c.request_id for c in out] == [r.request_id for r in reqs]
     assert [c.token_ids for c in out] == [c.token_ids for c in expected]
     assert {c.weight_version for c in out} == {pool.weight_version}  # re-synced after the restart
+
+
+def test_an_engine_dying_after_a_newer_push_regenerates_the_batch_with_the_new_weights(pool, tokenizer):
+    reqs = _requests(tokenizer, n=8)
+    new = build_tiny_thinker(tokenizer, SPEC, seed=3).eval()
+
+    _in_actor(pool, 0, _dies_on_second_call())
+    version, regenerated = pool.weight_version, pool.regenerated_batches
+    pending = pool.submit(reqs, seed=13)  # engine 1's second chunk will kill it ...
+    pool.update_weights(weights_for_engine(new), version + 1, wait=False)  # ... after this push was queued
+    out = pool.collect(pending)
+    assert pool.regenerated_batches == regenerated + 1
+    assert {c.weight_version for c in out} == {version + 1}  # not a mix of old and new
+    assert [c.request_id for c in out] == [r.request_id for r in reqs]  # every prompt once
+    expected = HFEngine(new, tokenizer, batch_size=4).generate(reqs, seed=13)
+    assert [c.token_ids for c in out] == [c.token_ids for c in expected]
+    pool.confirm_weights()
 
 
 def test_lora_sync_sends_only_the_adapter(pool, folder, tokenizer):

@@ -31,6 +31,9 @@
 - **Faults**: actors restart (Ray ``max_restarts``); when one dies mid-batch, its finished
   chunks are kept, the pool waits for the restarted actor, loads it with the current weights and
   version, and re-sends only its unfinished chunks, so every prompt is answered exactly once.
+  When newer weights were pushed while the batch was generating (one-step-off), the restarted
+  engine has only those, and a batch never mixes versions: the whole batch is generated again
+  with the new weights (``regenerated_batches``).
   An engine that has not answered its share within ``timeout_s`` is restarted and a
   `RolloutTimeoutError` names it (``engine 1 of 2 (hf, node 10.0.0.5, pid 4242) did not answer
   within 120 s``); the pool stays usable.
@@ -251,6 +254,7 @@ class RolloutPool(RolloutEngine):
         self.last_sync: dict = {}  # the last sync: seconds, tensors (names), bytes
         self.restarts = 0  # actor deaths recovered from
         self.resent_requests = 0  # requests sent again after their actor died
+        self.regenerated_batches = 0  # whole batches generated again after a death across a version bump
         self._restarted: set[int] = set()  # killed after a timeout: recover before the next use
 
     # ------------------------------------------------------------------ naming and health
@@ -299,13 +303,17 @@ class RolloutPool(RolloutEngine):
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
         pending = PendingBatch(list(requests), seed, self.weight_version, {}, [time.monotonic()] * self.num_engines)
-        n = len(requests)
+        self._dispatch(pending)
+        return pending
+
+    def _dispatch(self, pending: PendingBatch) -> None:
+        """Send every request of ``pending``: contiguous shares, one per engine, in chunks."""
+        n = len(pending.requests)
         bounds = [round(k * n / self.num_engines) for k in range(self.num_engines + 1)]
         for i in range(self.num_engines):
             positions = list(range(bounds[i], bounds[i + 1]))
             for start in range(0, len(positions), self.chunk_size):
                 self._send(pending, i, positions[start:start + self.chunk_size])
-        return pending
 
     def _send(self, pending: PendingBatch, i: int, positions: list[int]) -> None:
         ref = self.actors[i].generate.remote([pending.requests[p] for p in positions], pending.seed, positions)
@@ -334,6 +342,8 @@ class RolloutPool(RolloutEngine):
                     + " (restarted; raise rollout.timeout_s if generation is just slow)"
                 )
             for ref in ready:
+                if ref not in pending.outstanding:
+                    continue  # a chunk of a version this batch no longer waits for (see below)
                 i, positions = pending.outstanding.pop(ref)
                 try:
                     completions = ray_get(ref)
@@ -342,7 +352,18 @@ class RolloutPool(RolloutEngine):
                     # actor is back with the current weights.
                     self._recover(i)
                     if pending.version != self.weight_version:
-                        raise RuntimeError(f"{self.name(i)} died while generating with version {pending.version}, and the pool has moved on to {self.weight_version}; submit the batch again")
+                        # The pool has moved on (one-step-off pushed newer weights while this batch
+                        # was generating): the restarted engine has only the new weights, and one
+                        # batch must not mix versions, so the whole batch goes again with them
+                        # (staleness 0; the completions' log-probs are the new weights' own).
+                        self.resent_requests += len(pending.requests)
+                        self.regenerated_batches += 1
+                        results.clear()
+                        pending.outstanding.clear()  # the old version's chunks still running are ignored
+                        pending.version = self.weight_version
+                        pending.started = [time.monotonic()] * self.num_engines
+                        self._dispatch(pending)
+                        break
                     self.resent_requests += len(positions)
                     pending.started[i] = time.monotonic()
                     self._send(pending, i, positions)

@@ -79,6 +79,7 @@ class PolicyConfig:
     tokenizer: str = option("conversations", "tokenizer of the embedded policy: 'conversations' (the embedded byte-level BPE with merges learned from generated conversations, built once), 'embedded' (bytes only), 'smollm2', a folder or hub name")
     size: TinyThinkerSpec = option(default_factory=TinyThinkerSpec, help="size of the embedded policy")
     train: str = option("thinker_text", "which parameters train", choices=list(TRAINABLE_PARTS))
+    lora_rank: int = option(0, "train a LoRA adapter (peft, rank N, alpha 2N, on the text decoder's attention projections) instead of policy.train's parameters; 0 = full training. rollout.sync=lora sends only this adapter", min=0)
 
 
 @dataclass
@@ -165,10 +166,10 @@ class Config(RunConfig):
     rewards: list[RewardConfig] = option(default_factory=_default_rewards, help="weighted reward plugins [{name, weight, params}] (entry-point name or module:function)")
 
     def validate(self) -> None:
-        if self.rollout.sync == "lora":
+        if self.rollout.sync == "lora" and not self.policy.lora_rank:
             raise ConfigError(
-                f"config key 'rollout.sync': lora sends only a LoRA adapter, but this recipe trains the policy's "
-                f"'{self.policy.train}' parameters in full; use rollout.sync=full"
+                f"config key 'rollout.sync': lora sends only a LoRA adapter, but the policy's '{self.policy.train}' "
+                "parameters train in full; set policy.lora_rank (e.g. 16) or use rollout.sync=full"
             )
         if self.rollout.kind == "vllm" and not self.rollout.engines:
             raise ConfigError("config key 'rollout.kind': vllm engines run in a Ray pool; set rollout.engines to 1 or more")
@@ -405,6 +406,21 @@ def embedded_warmup(cfg: Config) -> str:
     return path
 
 
+#: LoRA targets: the text decoder's attention projections (not the audio encoder's).
+LORA_TARGETS = r"(?!.*audio_tower).*layers\.\d+\.self_attn\.(q|k|v|o)_proj"
+
+
+def add_policy_lora(policy, rank: int):
+    """The policy wrapped in a peft LoRA adapter (rank ``rank``, alpha 2 x rank): only the
+    adapter trains, and ``rollout.sync=lora`` sends only it to the engines."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(policy, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    if not any("lora_" in n for n, _ in model.named_parameters()):
+        raise ConfigError("config key 'policy.lora_rank': the policy has no attention projections named q_proj/k_proj/v_proj/o_proj to adapt")
+    return model
+
+
 def load_policy(cfg: Config):
     if cfg.policy.path == "embedded":
         return load_language_model(embedded_warmup(cfg), "embedded policy")
@@ -493,6 +509,8 @@ def run(cfg: Config) -> RunResult:
     #    engines, each loading the starting weights and then receiving every update.
     policy, tokenizer = load_policy(cfg)
     set_trainable(policy, cfg.policy.train)
+    if cfg.policy.lora_rank:
+        policy = add_policy_lora(policy, cfg.policy.lora_rank)
     engine, reward_pool = make_rollout(cfg, policy, tokenizer)
     print(
         f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters; {len(train_rows)} training conversations "
@@ -588,7 +606,8 @@ def run(cfg: Config) -> RunResult:
         # 5. After: the same held-out sets, the same sampling seed; save the model; summarise.
         with trainer.full_weights():
             after = evaluate(engine, tokenizer, held_out, cfg, rewards)
-            save_model(policy, tokenizer, run_dir.file("model"))
+            # a LoRA policy is saved merged: the next stage reads a plain model folder
+            save_model(policy.merge_and_unload() if cfg.policy.lora_rank else policy, tokenizer, run_dir.file("model"))
     finally:
         engine.close()
         if reward_pool is not None:

@@ -158,6 +158,7 @@ class EngineGRPOTrainer(GRPOTrainer):
         last = getattr(self.engine, "last_sync", None)
         if last:
             self._metrics["train"]["rollout/sync_seconds"].append(float(last["seconds"]))
+            self._metrics["train"]["rollout/sync_mb"].append(float(last["bytes"]) / 1e6)
 
     # ------------------------------------------------------------------ one-step-off
 
@@ -221,6 +222,8 @@ class EngineGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         unwrapped = self.accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "peft_config"):  # a LoRA policy: look at the model inside the adapter
+            unwrapped = unwrapped.get_base_model()
         if unwrapped.base_model is not unwrapped or any(v is not None for v in multimodal.values()):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss, **multimodal
@@ -353,6 +356,7 @@ def _rename(key: str) -> str | None:
         "frac_reward_zero_std": "frac_reward_zero_std",
         "rollout/staleness": "rollout/staleness",
         "rollout/sync_seconds": "rollout/sync_seconds",
+        "rollout/sync_mb": "rollout/sync_mb",
     }
     return renames.get(key)
 

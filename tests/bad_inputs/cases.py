@@ -88,6 +88,8 @@ CASES: list[Case] = [
     Case("config/yaml-not-utf8", sd("config={tmp}/my.yaml"), ["my.yaml", "not UTF-8"],
          files={"my.yaml": "run_name: caf\u00e9\n".encode("latin-1")}),
     Case("config/negative-reward-timeout", sd("rewards=[{name: language, timeout_s: -1}]"), ["'rewards[0].timeout_s'", "below the minimum 0"]),
+    Case("config/lora-sync-without-lora-policy", ["run", RL, "rollout.engines=1", "rollout.sync=lora"],
+         ["'rollout.sync'", "set policy.lora_rank"]),
     Case("config/tensor-parallel-without-gpus", ["run", RL, "rollout.engines=1", "rollout.kind=vllm", "rollout.tensor_parallel=2"],
          ["'rollout.tensor_parallel'", "set rollout.engine_gpus=2"]),
     # ------------------------------------------------------------------ data

@@ -59,22 +59,23 @@ def _in_actor(pool, i, fn):
     return ray.get(pool.actors[i].__ray_call__.remote(fn))
 
 
-def _dies_on_second_call():
-    """A hook for `_in_actor`: the engine's process dies half a second into its second
-    generate call, i.e. mid-generation (dying at once could also lose the reply to the first
-    call, still in flight, and then both chunks would rightly be sent again)."""
+def _dies_on_second_call(part: str = "engine", method: str = "generate"):
+    """A hook to run inside an actor: its process dies half a second into the second call of
+    ``worker.<part>.<method>``, i.e. mid-work (dying at once could also lose the reply to the
+    first call, still in flight, and then both chunks would rightly be sent again)."""
 
     def install(worker):
-        generate, calls = worker.engine.generate, []
+        owner = getattr(worker, part)
+        original, calls = getattr(owner, method), []
 
         def dying(*args, **kwargs):
             calls.append(1)
             if len(calls) == 2:
                 time.sleep(0.5)
                 os._exit(1)
-            return generate(*args, **kwargs)
+            return original(*args, **kwargs)
 
-        worker.engine.generate = dying  # (actor methods are looked up on the class; the engine's are not)
+        setattr(owner, method, dying)  # (actor methods are looked up on the class; the engine's are not)
 
     return install
 
@@ -219,18 +220,7 @@ def test_a_reward_worker_killed_mid_chunk_scores_every_sample_once(ray_session):
     expected = RewardSet(specs).score(prompts, replies, **columns)
     pool = RewardPool(specs, num_workers=2, num_cpus=0.5, chunk_size=3)
     try:
-        def die_on_second_call(worker):
-            score, calls = worker.rewards.score, []
-
-            def dying(*args, **kwargs):
-                calls.append(1)
-                if len(calls) == 2:
-                    os._exit(1)
-                return score(*args, **kwargs)
-
-            worker.rewards.score = dying
-
-        ray.get(pool.workers[0].__ray_call__.remote(die_on_second_call))
+        ray.get(pool.workers[0].__ray_call__.remote(_dies_on_second_call("rewards", "score")))
         pending = pool.submit(prompts, replies, columns)  # asynchronous: returns at once
         combined, per_reward = pool.collect(pending)
         # one restart; only the dead worker's chunks (at most its 2 of 4) went again

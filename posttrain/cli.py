@@ -17,7 +17,7 @@ import os
 import sys
 import textwrap
 
-from posttrain.errors import UserError
+from posttrain.errors import RolloutTimeoutError, UserError
 
 
 def _print_recipe_help(name: str) -> None:
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except RolloutTimeoutError as e:
+        print(f"error: {e}; a run stopped this way continues from its last complete checkpoint with resume=true", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into `head`
         return 0
     except OSError as e:

@@ -30,3 +30,8 @@ class RewardError(UserError):
 
 class AudioError(DataError):
     """An audio file that is missing, unreadable, empty, silent or out of range."""
+
+
+class RolloutTimeoutError(RuntimeError):
+    """A rollout engine or reward worker (a Ray actor) did not answer in time. Not the user's
+    input, but not a posttrain bug either: the CLI prints it on one line and says how to go on."""

@@ -77,3 +77,20 @@ def test_unwritable_output_dir(tmp_path):
     blocker.write_text("not a folder")
     rc, out, err = run_cli("run", RECIPE, f"output_dir={blocker}", "max_steps=1")
     _assert_user_error(rc, out, err, "cannot write the run directory", "output_dir")
+
+
+def test_a_rollout_timeout_ends_the_run_with_one_line(monkeypatch, capsys):
+    """A hung engine or reward worker is not the user's input but not a bug either: one line,
+    exit 1, how to go on, no traceback."""
+    import recipes.thinker_specialist_distill as recipe
+    from posttrain.cli import main
+    from posttrain.errors import RolloutTimeoutError
+
+    def hung(cfg):
+        raise RolloutTimeoutError("engine 1 of 2 (hf, node 10.0.0.5, pid 42) did not answer within 300 s (restarted)")
+
+    monkeypatch.setattr(recipe, "run", hung)
+    assert main(["run", RECIPE, "max_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: engine 1 of 2 (hf, node 10.0.0.5, pid 42) did not answer") and err.count("\n") == 1
+    assert "resume=true" in err and "Traceback" not in err

@@ -49,13 +49,10 @@ from typing import Any
 
 import torch
 
+from posttrain.errors import RolloutTimeoutError
 from posttrain.rollout.engine import Completion, GenerationRequest, RolloutEngine
 
 ENGINE_KINDS = ("hf", "vllm")
-
-
-class RolloutTimeoutError(RuntimeError):
-    """An engine actor did not answer within the pool's timeout."""
 
 
 def start_ray(address: str = "local", num_cpus: int | None = None) -> bool:

@@ -13,6 +13,7 @@ PYTEST_ARGS ?=
 # subprocess and recipe runs: two workers keep both cores of a 2-core machine busy)
 TEST_WORKERS ?= 2
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+PYTEST := $(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 .DEFAULT_GOAL := run
 .PHONY: run test test-fast bench list install clean
@@ -29,10 +30,10 @@ $(STAMP): pyproject.toml scripts/install.sh
 	@touch $@
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
+	$(PYTEST) --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench

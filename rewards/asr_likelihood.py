@@ -26,7 +26,7 @@ import math
 from typing import Any, Sequence
 
 from posttrain.errors import RewardError
-from rewards.wer import speech_inputs
+from rewards.wer import per_language, speech_inputs
 
 __all__ = ["asr_likelihood", "reference_logprobs", "TRANSFORMS"]
 
@@ -53,14 +53,12 @@ def reference_logprobs(
     if backend != "faster-whisper":
         raise RewardError(f"asr_likelihood: backend {backend!r} is not supported; it needs faster-whisper (CTranslate2's align)")
     references, waveforms, languages = speech_inputs(prompts, completions, language, audio_key, columns)
-    n = len(completions)
-    out: list[list[float]] = [[] for _ in range(n)]
-    for lang in sorted(set(languages)):
-        idx = [i for i in range(n) if languages[i] == lang]
-        asr = get_asr(backend=backend, model=model, language=lang)
-        for i, logps in zip(idx, asr.reference_logprobs([waveforms[i] for i in idx], [references[i] for i in idx])):
-            out[i] = logps
-    return out
+    return per_language(
+        languages,
+        lambda lang, idx: get_asr(backend=backend, model=model, language=lang).reference_logprobs(
+            [waveforms[i] for i in idx], [references[i] for i in idx]
+        ),
+    )
 
 
 def asr_likelihood(

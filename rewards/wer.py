@@ -90,6 +90,17 @@ def speech_inputs(prompts: Sequence | None, completions: Sequence, language, aud
     return references, audio_column(columns, n, name=audio_key), _per_sample_languages(language, n)
 
 
+def per_language(languages: Sequence[str], run: Callable[[str, list[int]], Sequence]) -> list:
+    """One result per sample from one ``run(language, indices)`` call per language (an ASR is
+    loaded per language), put back in sample order."""
+    out: list = [None] * len(languages)
+    for lang in sorted(set(languages)):
+        idx = [i for i, sample_lang in enumerate(languages) if sample_lang == lang]
+        for i, value in zip(idx, run(lang, idx)):
+            out[i] = value
+    return out
+
+
 def transcribe_and_score(
     prompts: Sequence | None,
     completions: Sequence,
@@ -106,13 +117,10 @@ def transcribe_and_score(
     from posttrain.audio.asr import get_asr
 
     references, waveforms, languages = speech_inputs(prompts, completions, language, audio_key, columns)
-    n = len(completions)
-    transcripts: list[str] = [""] * n
-    for lang in sorted(set(languages)):  # one ASR pass per language, packed across samples
-        idx = [i for i in range(n) if languages[i] == lang]
-        asr = get_asr(backend=backend, model=model, language=lang, packed=packed)
-        for i, text in zip(idx, asr.transcribe([waveforms[i] for i in idx])):
-            transcripts[i] = text
+    transcripts = per_language(
+        languages,  # one ASR pass per language, packed across samples
+        lambda lang, idx: get_asr(backend=backend, model=model, language=lang, packed=packed).transcribe([waveforms[i] for i in idx]),
+    )
     return [
         {"reference": r, "transcript": t, "language": lang, "wer": word_error_rate(r, t, lang)}
         for r, t, lang in zip(references, transcripts, languages)

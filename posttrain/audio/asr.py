@@ -229,7 +229,6 @@ class FasterWhisperASR(ASR):
         words = [Word(w.word, w.start, w.end, w.probability) for s in segments for w in (s.words or [])]
         return text, words
 
-
     def reference_logprobs(self, wavs: Sequence[np.ndarray], texts: Sequence[str], batch_size: int = 8) -> list[list[float]]:
         """Per waveform, the log-probability of each token of its reference text under Whisper
         teacher-forced on that text (CTranslate2's ``align``, as faster-whisper's word timestamps

@@ -1,7 +1,10 @@
 """Talker RL: GSPO over spoken rollouts with WER, prosody and speaker rewards measured on the decoded waveform.
 
 Each rollout batch, the Talker speaks ``gspo.prompts_per_step`` sentences ``gspo.num_generations``
-times through the speech rollout engine (ARIA constraint on); the codec decodes them and the
+times through the speech rollout engine (ARIA constraint on), sampling its own decisions
+(codebook 0, READ, EOS) at ``gspo.temperature``; by default the frozen code predictor picks its
+most likely residual codes, so that utterances of a group differ only in decisions the ratio
+scores (``gspo.sample_residual_codes=true`` samples them too and puts them in the ratio); the codec decodes them and the
 weighted reward plugins score what a listener hears: ``wer`` (the packaged ASR, greedy at
 temperature 0), ``prosody`` (F0 range, speaking rate, pauses; Praat) and
 ``speaker_similarity`` (Resemblyzer, to the intended voice's reference). GSPO (Zheng et al.
@@ -54,7 +57,8 @@ class GSPOConfig:
     epsilon_high: float = option(4e-4, "upper clipping range (GSPO paper: 4e-4)", min=0.0)
     beta: float = option(0.0, "KL penalty to the starting Talker (sequence-level k3 estimate); 0 = none", min=0.0)
     scale_rewards: bool = option(True, "divide advantages by the group's reward std")
-    code_predictor_weight: float = option(0.0, "weight of the residual codebooks in a sequence's log-prob (0 with policy.train=talker_only)", min=0.0)
+    code_predictor_weight: float = option(0.0, "weight of the residual codebooks in a sequence's log-prob (> 0 only with gspo.sample_residual_codes)", min=0.0)
+    sample_residual_codes: bool = option(False, "sample the code predictor's codebooks 1..G-1 too (at gspo.temperature); off: they are its most likely codes, so rollouts differ only in the decisions the ratio scores")
 
 
 @dataclass
@@ -85,6 +89,13 @@ class Config(RunConfig):
         if not self.rewards:
             raise ConfigError("config key 'rewards': give at least one reward plugin, e.g. rewards=[{name: wer}]")
         self.policy.check()
+        g = self.gspo
+        if g.sample_residual_codes and g.code_predictor_weight == 0:
+            raise ConfigError("config key 'gspo.code_predictor_weight': 0 while gspo.sample_residual_codes=true; the ratio would ignore sampled "
+                              "decisions. Set gspo.code_predictor_weight=1 or gspo.sample_residual_codes=false")
+        if not g.sample_residual_codes and g.code_predictor_weight > 0:
+            raise ConfigError("config key 'gspo.code_predictor_weight': the residual codes are not sampled (gspo.sample_residual_codes=false), "
+                              "so they have no probability in the ratio; set it to 0 or set gspo.sample_residual_codes=true")
         if self.max_steps % self.gspo.steps_per_generation:
             raise ConfigError(f"config key 'max_steps': {self.max_steps} is not a multiple of gspo.steps_per_generation={self.gspo.steps_per_generation}")
 
@@ -106,7 +117,9 @@ def reference_files(folder: str, references: dict[str, np.ndarray]) -> dict[str,
 def rollout(engine, bundle, rewards, prompts, cfg, seed: int, ref_paths: dict[str, str]):
     """Spoken completions, their rewards and their log-probs under the sampling policy."""
     g = cfg.gspo.num_generations
-    requests = [SpeechRequest(t, v, cfg.gspo.temperature, request_id=(i, k)) for i, (t, v) in enumerate(prompts) for k in range(g)]
+    code_t = None if cfg.gspo.sample_residual_codes else 0.0
+    requests = [SpeechRequest(t, v, cfg.gspo.temperature, request_id=(i, k), code_temperature=code_t)
+                for i, (t, v) in enumerate(prompts) for k in range(g)]
     completions = engine.generate(requests, seed=seed)
     columns = {}
     if any(r.name == "speaker_similarity" for r in cfg.rewards) and ref_paths:

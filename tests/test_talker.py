@@ -93,3 +93,71 @@ def test_sequence_logps_recompute_the_sampling_policy(tokenizer):
         assert torch.allclose(lp["total"], expected, atol=1e-3), (lp["total"], expected)
         frames = torch.tensor([o[0].shape[1] for o in out])
         assert torch.all(lp["tokens"] >= frames)
+
+
+def test_greedy_code_predictor_samples_only_the_talkers_decisions(tokenizer):
+    """``code_temperature=0``: the Talker samples codebook 0, READ and EOS, the code predictor
+    takes its most likely residual codes, and the behaviour log-prob is the Talker's part alone
+    (what an RL ratio over the Talker's decisions needs)."""
+    from posttrain.models.qwen_omni import talker_generate_batch, talker_sequence_logps
+
+    talker, embed = _random_talker(tokenizer, seed=4)
+    texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["one two three", "four five"]] * 2
+    rates = [AriaRate(2.5, 2)] * len(texts)
+    out = talker_generate_batch(talker, embed, texts, [0, 1, 0, 1], rates, temperature=1.0, seed=7, max_frames=30, code_temperature=0.0)
+    batch = talker_stream_batch(talker, embed, [o[1] for o in out], [o[0] for o in out], [0, 1, 0, 1], rates=rates, ended=[o[2] for o in out])
+    with torch.no_grad():
+        lp = talker_sequence_logps(talker, batch, temperature=1.0, code_predictor_weight=0.0)
+        sharp = talker_sequence_logps(talker, batch, temperature=1e-4)
+    assert torch.allclose(lp["total"], torch.tensor([o[3] for o in out]), atol=1e-3)
+    # every residual code is the code predictor's argmax: its log-prob at a vanishing temperature
+    # is ~0 (up to near-ties that batched and teacher-forced float sums order differently)
+    assert torch.all(sharp["code_predictor"] > -0.5), sharp["code_predictor"]
+    # and sampling the residual codes too would have chosen other ones
+    sampled = talker_generate_batch(talker, embed, texts, [0, 1, 0, 1], rates, temperature=1.0, seed=7, max_frames=30)
+    batch = talker_stream_batch(talker, embed, [o[1] for o in sampled], [o[0] for o in sampled], [0, 1, 0, 1], rates=rates, ended=[o[2] for o in sampled])
+    with torch.no_grad():
+        assert torch.all(talker_sequence_logps(talker, batch, temperature=1e-4)["code_predictor"] < -100.0)
+
+
+def test_gspo_on_talker_rollouts_learns_a_reward_it_can_see(tokenizer):
+    """The whole RL path on speech rollouts (batched sampling with a greedy code predictor, the
+    recomputed sequence log-probs, group advantages, GSPO's clipped sequence ratio): with a reward
+    for shorter speech, the Talker learns to end sooner within a few steps."""
+    from posttrain.losses import gspo_loss_from_log_ratio
+    from posttrain.models.qwen_omni import talker_generate_batch, talker_sequence_logps
+
+    talker, embed = _random_talker(tokenizer, seed=5)
+    texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["one two three", "four five six seven"]]
+    rates, group = [AriaRate(2.5, 2)] * 2, 8
+    params = [p for p in talker.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+
+    def rollouts(seed):
+        out = talker_generate_batch(talker, embed, [t for t in texts for _ in range(group)], [0, 1] * group, rates * group,
+                                    temperature=1.0, seed=seed, max_frames=40, code_temperature=0.0)
+        return out, torch.tensor([float(o[0].shape[1]) for o in out])
+
+    def mean_frames(seeds):
+        with torch.no_grad():
+            return float(torch.cat([rollouts(s)[1] for s in seeds]).mean())
+
+    before = mean_frames(range(100, 104))
+    for step in range(8):
+        out, frames = rollouts(step)
+        speakers = [0, 1] * group
+        batch = talker_stream_batch(talker, embed, [o[1] for o in out], [o[0] for o in out], speakers, rates=rates * group, ended=[o[2] for o in out])
+        old = torch.tensor([o[3] for o in out])
+        talker.train()
+        lp = talker_sequence_logps(talker, batch, temperature=1.0, code_predictor_weight=0.0)
+        tokens = lp["tokens"].float().clamp_min(1.0)
+        # rows are laid out text by text inside each group of the loss
+        order = [i for t in range(2) for i in range(t, 2 * group, 2)]
+        log_ratio = ((lp["total"] - old) / tokens)[order]
+        loss = gspo_loss_from_log_ratio(log_ratio, -frames[order], group, tokens[order] > 0, 0.2, 0.2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        talker.eval()
+    after = mean_frames(range(100, 104))
+    assert after < 0.8 * before, (before, after)

@@ -690,7 +690,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: tor
 
 @torch.no_grad()
 def talker_generate_batch(talker, text_embed, text_tokens, speakers, rates, temperature: float = 0.0, top_k: int = 0,
-                          seed: int | None = None, max_frames: int | None = None, on_frame=None):
+                          seed: int | None = None, max_frames: int | None = None, on_frame=None,
+                          code_temperature: float | None = None):
     """Speak several texts at once: a list of ``(codes [groups, frames], stream, ended, logp)``.
 
     Every row advances by one item per step (a text token it READs or a frame it speaks), so
@@ -701,6 +702,10 @@ def talker_generate_batch(talker, text_embed, text_tokens, speakers, rates, temp
     ``logp`` is the log-probability of the row's choices under the masked policy at
     ``temperature`` (at 1 when greedy; ``top_k`` truncation ignored): the behaviour policy's
     log-prob for RL, which `talker_sequence_logps` recomputes from the stream.
+    ``code_temperature``: the code predictor's own temperature for groups 1..G-1 (Qwen3-TTS's
+    ``subtalker_temperature``; ``None`` = ``temperature``). At 0 it picks the most likely
+    residual codes, which are then certain (they add 0 to ``logp``): sampling only the Talker's
+    own decisions makes the rollouts differ where an RL ratio over those decisions looks.
     ``on_frame(row, n, frames)`` is called after every frame (streaming decoders hook in here).
     """
     from transformers import DynamicCache
@@ -733,6 +738,8 @@ def talker_generate_batch(talker, text_embed, text_tokens, speakers, rates, temp
     ended = [False] * n
     logps = [0.0] * n
     scale = temperature if temperature > 0 else 1.0
+    code_t = temperature if code_temperature is None else code_temperature
+    code_scale = code_t if code_t > 0 else 1.0
     active = [not sc.finished for sc in scheds]
     while any(active):
         logits = talker.codec_head(hidden).float()
@@ -773,10 +780,11 @@ def talker_generate_batch(talker, text_embed, text_tokens, speakers, rates, temp
             for g in range(1, groups):
                 h = cp.model(inputs_embeds=torch.stack(seq, dim=1), use_cache=False).last_hidden_state[:, -1]
                 g_logits = cp.lm_head[g - 1](h).float()
-                code = _sample(g_logits, temperature, top_k, generator)
-                g_lp = torch.log_softmax(g_logits / scale, -1).gather(-1, code.unsqueeze(-1)).squeeze(-1).tolist()
-                for i, b in enumerate(speaks):
-                    logps[b] += g_lp[i]
+                code = _sample(g_logits, code_t, top_k, generator)
+                if code_t > 0 or temperature <= 0:  # a greedy code predictor under sampling is certain
+                    g_lp = torch.log_softmax(g_logits / code_scale, -1).gather(-1, code.unsqueeze(-1)).squeeze(-1).tolist()
+                    for i, b in enumerate(speaks):
+                        logps[b] += g_lp[i]
                 frame.append(code)
                 if g < groups - 1:
                     seq.append(cp.model.codec_embedding[g - 1](code))

@@ -31,6 +31,7 @@ class SpeechRequest:
     temperature: float = 1.0
     top_k: int = 0
     request_id: Any = None
+    code_temperature: float | None = None  # the code predictor's (groups 1..G-1); None = temperature
 
 
 @dataclass
@@ -78,13 +79,17 @@ class TalkerEngine:
         model.eval()
         out: list[SpeechCompletion | None] = [None] * len(requests)
         try:
-            order = sorted(range(len(requests)), key=lambda i: (requests[i].temperature, requests[i].top_k))
+            def key(i):
+                r = requests[i]
+                return (r.temperature, r.top_k, -1.0 if r.code_temperature is None else r.code_temperature)
+
+            order = sorted(range(len(requests)), key=key)
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 groups: dict[tuple, list[int]] = {}
                 for i in idx:
-                    groups.setdefault((requests[i].temperature, requests[i].top_k), []).append(i)
-                for (temperature, top_k), rows in groups.items():
+                    groups.setdefault(key(i), []).append(i)
+                for (temperature, top_k, code_t), rows in groups.items():
                     t0 = time.perf_counter()
                     texts = [bundle.text_tokens(requests[i].text) for i in rows]
                     voices = [bundle.voice_id(requests[i].voice) for i in rows]
@@ -92,6 +97,7 @@ class TalkerEngine:
                         talker_of(model), thinker_of(model).model.embed_tokens, texts, voices,
                         [bundle.rate(v) for v in voices], temperature=temperature, top_k=top_k,
                         seed=None if seed is None else seed + start,
+                        code_temperature=None if code_t < 0 else code_t,
                     )
                     t1 = time.perf_counter()
                     for i, v, (codes, stream, ended, logp) in zip(rows, voices, generated):

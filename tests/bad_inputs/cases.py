@@ -92,6 +92,8 @@ CASES: list[Case] = [
          ["'rollout.sync'", "set policy.lora_rank"]),
     Case("config/tensor-parallel-without-gpus", ["run", RL, "rollout.engines=1", "rollout.kind=vllm", "rollout.tensor_parallel=2"],
          ["'rollout.tensor_parallel'", "set rollout.engine_gpus=2"]),
+    Case("config/gspo-sampled-codes-outside-the-ratio", ["run", "talker_gspo", "gspo.sample_residual_codes=true"],
+         ["'gspo.code_predictor_weight'", "the ratio would ignore sampled decisions", "gspo.code_predictor_weight=1"]),
     # ------------------------------------------------------------------ data
     Case("data/missing-file", sd("data.path={tmp}/missing.jsonl"), ["missing.jsonl", "does not exist", "set data.path"]),
     Case("data/malformed-jsonl-line", sd("data.path={tmp}/d.jsonl"), ["d.jsonl, line 2: not valid JSON", "fix or remove the line"],

@@ -57,7 +57,7 @@ class PolicyConfig:
 @dataclass
 class DataConfig:
     path: str = option("embedded", "your recordings: a jsonl of audio + text rows or a folder of NAME.wav + NAME.txt; 'embedded' synthesises an espeak-ng voice the Talker never heard")
-    voice: str = option("en-us+f5", "embedded: the espeak-ng voice to learn")
+    voice: str = option("en-us+adam", "embedded: the espeak-ng voice to learn")
     clips: int = option(60, "embedded: recordings to synthesise", min=4)
     on_bad: str = option("fail", "a bad recording stops the run (fail) or is reported and left out (skip)", choices=["fail", "skip"])
     min_seconds: float = option(0.5, "shortest usable recording", min=0.0)
@@ -71,8 +71,8 @@ class VoiceConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = option(16, "LoRA rank", min=1)
-    alpha: float = option(32.0, "LoRA alpha", min=0.0)
+    rank: int = option(64, "LoRA rank", min=1)
+    alpha: float = option(64.0, "LoRA alpha", min=0.0)
     dropout: float = option(0.0, "LoRA dropout", min=0.0, max=0.9)
 
 

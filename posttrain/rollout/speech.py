@@ -79,9 +79,9 @@ class TalkerEngine:
         model.eval()
         out: list[SpeechCompletion | None] = [None] * len(requests)
         try:
-            def key(i):
+            def key(i):  # requests batch together when they sample alike
                 r = requests[i]
-                return (r.temperature, r.top_k, -1.0 if r.code_temperature is None else r.code_temperature)
+                return (r.temperature, r.top_k, r.temperature if r.code_temperature is None else r.code_temperature)
 
             order = sorted(range(len(requests)), key=key)
             for start in range(0, len(order), self.batch_size):
@@ -97,7 +97,7 @@ class TalkerEngine:
                         talker_of(model), thinker_of(model).model.embed_tokens, texts, voices,
                         [bundle.rate(v) for v in voices], temperature=temperature, top_k=top_k,
                         seed=None if seed is None else seed + start,
-                        code_temperature=None if code_t < 0 else code_t,
+                        code_temperature=code_t,
                     )
                     t1 = time.perf_counter()
                     for i, v, (codes, stream, ended, logp) in zip(rows, voices, generated):

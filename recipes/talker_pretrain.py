@@ -83,6 +83,8 @@ class AriaConfig:
 @dataclass
 class LossConfig:
     code_predictor_weight: float = option(0.3, "weight of the code-predictor loss next to the Talker's", min=0.0)
+    input_noise: float = option(0.0, "probability that a frame fed back as input is swapped for another frame of the "
+                                "utterance (targets stay true; against exposure bias)", min=0.0, max=0.5)
 
 
 @dataclass
@@ -287,7 +289,8 @@ def run(cfg: Config) -> RunResult:
     bar = tqdm(range(start_step, cfg.max_steps), desc=RECIPE, initial=start_step, total=cfg.max_steps, mininterval=1.0)
     for step in bar:
         idx = batch_indices(len(train), cfg.batch_size, cfg.seed, step)
-        batch = talker_stream_batch(talker, embed, [train_streams[i] for i in idx], [train[i].codes for i in idx], [train[i].voice for i in idx])
+        batch = talker_stream_batch(talker, embed, [train_streams[i] for i in idx], [train[i].codes for i in idx], [train[i].voice for i in idx],
+                                    input_noise=cfg.loss.input_noise, generator=torch.Generator().manual_seed(cfg.seed * 100003 + step))
         l0, l1 = talker_losses(talker, batch)
         loss = l0 + cfg.loss.code_predictor_weight * l1
         optimizer_step(loss, talker.parameters(), optimizer, scheduler, cfg.optim.grad_clip)

@@ -79,6 +79,8 @@ class LoraConfig:
 @dataclass
 class LossConfig:
     code_predictor_weight: float = option(0.3, "weight of the code-predictor loss next to the Talker's", min=0.0)
+    input_noise: float = option(0.3, "probability that a frame fed back as input is swapped for another frame of the clip "
+                                "(targets stay true): teaches the voice to recover from its own mistakes", min=0.0, max=0.5)
 
 
 @dataclass
@@ -253,7 +255,9 @@ def run(cfg: Config) -> RunResult:
     bar = tqdm(range(start_step, cfg.max_steps), desc=RECIPE, initial=start_step, total=cfg.max_steps, mininterval=1.0)
     for step in bar:
         idx = batch_indices(len(streams), cfg.batch_size, cfg.seed, step)
-        batch = talker_stream_batch(talker, bundle.text_embed, [streams[i] for i in idx], [speech.utterances[i].codes for i in idx], [sid] * len(idx))
+        noise = torch.Generator().manual_seed(cfg.seed * 100003 + step)
+        batch = talker_stream_batch(talker, bundle.text_embed, [streams[i] for i in idx], [speech.utterances[i].codes for i in idx], [sid] * len(idx),
+                                    input_noise=cfg.loss.input_noise, generator=noise)
         l0, l1 = talker_losses(talker, batch)
         loss = l0 + cfg.loss.code_predictor_weight * l1
         optimizer_step(loss, trainable, optimizer, scheduler, cfg.optim.grad_clip)

@@ -54,6 +54,24 @@ def test_talker_memorises_an_utterance_and_generation_reproduces_it(tokenizer):
     assert other.shape != codes.shape or not torch.equal(other, codes)
 
 
+def test_input_noise_swaps_fed_frames_but_keeps_every_target(tokenizer):
+    talker, embed = _random_talker(tokenizer)
+    words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ["hi", "there", "friend"]]
+    codes = torch.randint(0, 32, (3, 40), generator=torch.Generator().manual_seed(1))
+    rate = AriaRate(frames_per_token=40 / sum(map(len, words)) * 1.2, lead=2)
+    stream = build_stream(words, [(0, 12), (12, 28), (28, 40)], 40, rate)
+    clean = talker_stream_batch(talker, embed, [stream], [codes], [1])
+    assert torch.equal(talker_stream_batch(talker, embed, [stream], [codes], [1], input_noise=0.0)["inputs_embeds"], clean["inputs_embeds"])
+    noisy = talker_stream_batch(talker, embed, [stream], [codes], [1], input_noise=0.3, generator=torch.Generator().manual_seed(0))
+    for key in ("targets", "frame_positions", "frame_codes"):  # what is learned stays the truth
+        assert torch.equal(noisy[key], clean[key])
+    changed = (noisy["inputs_embeds"] - clean["inputs_embeds"]).abs().sum(-1)[0] > 0
+    frame_inputs = clean["frame_positions"][:, 1] + 1  # where each frame is fed back
+    assert not changed[: 2].any()  # speaker and BOS
+    n_changed = int(changed[frame_inputs].sum())
+    assert 4 <= n_changed <= 20 and int(changed.sum()) == n_changed  # ~30% of 40 frames, text untouched
+
+
 def _random_talker(tokenizer, seed=0):
     torch.manual_seed(seed)
     model = build_tiny_omni(tokenizer, TinyThinkerSpec(hidden_size=64, num_layers=1), TinyTalkerSpec(num_code_groups=3, codebook_size=32, num_layers=1), seed=seed)

@@ -524,7 +524,8 @@ def _frame_embeddings(talker, codes: torch.Tensor) -> torch.Tensor:
     return emb
 
 
-def talker_stream_batch(talker, text_embed, streams, codes, speakers, rates=None, ended=None):
+def talker_stream_batch(talker, text_embed, streams, codes, speakers, rates=None, ended=None, input_noise: float = 0.0,
+                        generator: torch.Generator | None = None):
     """Model inputs and targets for a batch of ARIA streams.
 
     ``text_embed``: the Thinker's token embedding module; ``streams[b]``: items
@@ -538,6 +539,11 @@ def talker_stream_batch(talker, text_embed, streams, codes, speakers, rates=None
     forced), 1 a codebook entry or READ, 2 a codebook entry or EOS (text done), so log-probs
     match the masked policy that sampled the stream (`talker_sequence_logps`). ``ended[b]``
     False: stream ``b`` stopped at the frame cap, not at EOS, so no EOS target.
+
+    ``input_noise`` (training only): each frame fed back as input is, with this probability,
+    replaced by another frame of the same utterance, while every target stays the true code.
+    A Talker trained only on perfect histories has never continued after its own mistake
+    and derails at the first one when it speaks (exposure bias); this teaches it to recover.
     """
     ids = talker_special_ids(talker)
     device = next(talker.parameters()).device
@@ -553,7 +559,13 @@ def talker_stream_batch(talker, text_embed, streams, codes, speakers, rates=None
         tgt = [-100, -100]
         text_ids = [v for k, v in stream if k == "text"]
         text_vecs = talker.text_projection(text_embed(torch.tensor(text_ids, device=device, dtype=torch.long))) if text_ids else None
-        frame_vecs = _frame_embeddings(talker, c.T)
+        fed = c
+        if input_noise > 0 and c.shape[1] > 1:
+            n = c.shape[1]
+            hit = torch.rand(n, generator=generator) < input_noise
+            other = torch.randint(0, n, (n,), generator=generator)
+            fed = torch.where(hit.to(device).unsqueeze(0), c[:, other.to(device)], c)
+        frame_vecs = _frame_embeddings(talker, fed.T)
         t_i = 0
         for kind, value in stream:
             if rate is not None:  # what the masked policy could choose here

@@ -65,6 +65,9 @@ class CodecConfig:
 class DataConfig:
     path: str = option("embedded", "'embedded' (espeak-ng voices, bounded vocabulary) or a jsonl/parquet of audio + text (+ speaker) rows")
     voices: list[str] = option(["en-us", "en-gb", "en-us+f3", "en-gb+m3"], "espeak-ng voices of the embedded corpus")
+    style: str = option("clips", "embedded: 'clips' (each word's codes encoded once and joined: a word always sounds the "
+                        "same) or 'varied' (each utterance built at one of several rates with random pauses, encoded whole)",
+                        choices=["clips", "varied"])
     train_size: int = option(2000, "training utterances (embedded corpus)", min=1)
     eval_size: int = option(20, "held-out sentences spoken by the Talker for the WER (user data: rows split off)", min=1)
     on_bad: str = option("fail", "user data: a bad recording or transcript stops the run (fail) or is reported and left out (skip)", choices=["fail", "skip"])
@@ -163,7 +166,8 @@ def evaluate_speech(bundle: TalkerBundle, held_out, references) -> tuple[list[di
 def load_speech(cfg: Config, codec):
     """(train, held-out, voice names, speaker reference embeddings, tokenizer texts)."""
     if cfg.data.path == "embedded":
-        train, held_out = embedded_corpus(codec, cache_root(), cfg.data.voices, cfg.data.train_size, cfg.data.eval_size, seed=cfg.seed)
+        train, held_out = embedded_corpus(codec, cache_root(), cfg.data.voices, cfg.data.train_size, cfg.data.eval_size, seed=cfg.seed,
+                                          style=cfg.data.style)
         rng = random.Random(cfg.seed)
         return train, held_out, list(cfg.data.voices), voice_reference_embeddings(cfg.data.voices), [make_sentence(rng) for _ in range(3000)]
     user = load_user_speech(

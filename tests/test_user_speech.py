@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from posttrain.data.aria import AriaRate, check_stream
 from posttrain.errors import ConfigError, DataError
@@ -194,3 +195,27 @@ def test_talker_pretrain_user_data_errors(recordings, tmp_path):
     rc, _, err = run_cli("run", "talker_pretrain", f"data.path={recordings['good']}", f"output_dir={tmp_path}")
     assert rc == 2 and "8 usable recordings, but data.eval_size=20 are held out" in err
     assert not os.path.exists(tmp_path / "talker_pretrain")  # no run directory for a run that never started
+
+
+def test_varied_corpus_encodes_each_utterance_whole_with_exact_word_spans(codec, posttrain_cache):
+    """The 'varied' embedded corpus: a word sounds a little different each time (rate, pauses,
+    encoded in context), unlike the 'clips' corpus where a word's codes are always the same."""
+    import random
+
+    from posttrain.data.speech_corpus import embedded_corpus, varied_utterance, word_waveforms
+
+    train, held = embedded_corpus(codec, posttrain_cache, ["en-us"], 8, 2, seed=0, style="varied")
+    clips_train, clips_held = embedded_corpus(codec, posttrain_cache, ["en-us"], 8, 2, seed=0, style="clips")
+    assert [u.text for u in held] == [u.text for u in clips_held]  # the same held-out sentences
+    assert not {u.text for u in held} & {u.text for u in train}
+    for u in train + held:
+        assert len(u.spans) == len(u.words)
+        assert all(a < b for a, b in u.spans) and all(b0 <= a1 for (_, b0), (a1, _) in zip(u.spans, u.spans[1:]))
+        assert u.spans[0][0] > 0 and u.spans[-1][1] < u.codes.shape[1]  # silence at both edges
+    waves = word_waveforms(["en-us"], codec.sample_rate, posttrain_cache)
+    rng = random.Random(0)
+    takes = [varied_utterance("the cat sees a red ball", 0, waves, codec, rng) for _ in range(4)]
+    assert len({t.codes.shape[1] for t in takes}) > 1 or any(not torch.equal(takes[0].codes, t.codes) for t in takes[1:])
+    # in the clips corpus every "the" has the same codes
+    the = [u.codes[:, a:b] for u in clips_train for w, (a, b) in zip(u.words, u.spans) if w == "the"]
+    assert len(the) >= 2 and all(torch.equal(the[0], c) for c in the[1:])

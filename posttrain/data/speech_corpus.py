@@ -121,32 +121,96 @@ def build_utterance(sentence: str, voice: int, clips: dict, pause: torch.Tensor)
     return Utterance(sentence, sentence_words(sentence), voice, torch.cat(parts, dim=1), spans)
 
 
-def embedded_corpus(codec, cache_root: str, voices: list[str], n_train: int, n_eval: int, seed: int = 0):
-    """(train, held-out) utterances; held-out sentences never occur in training. Word clips
-    are synthesised and encoded once per codec and voice set, then cached."""
+VARIED_RATES = (140, 160, 180)
+
+
+def word_waveforms(voices: list[str], sample_rate: int, cache_root: str, rates=VARIED_RATES) -> dict[tuple[int, str, int], np.ndarray]:
+    """Waveforms of every word of the grammar spoken alone by every voice at every rate
+    (silence trimmed), synthesised once and cached."""
+    import librosa
+
+    from posttrain.audio.tts import synthesize
+
+    key = hashlib.sha1(json.dumps({"v": 1, "sr": sample_rate, "voices": voices, "rates": list(rates)}).encode()).hexdigest()[:10]
+    path = os.path.join(cache_root, "speech", f"word-waves-{key}.pt")
+    if os.path.exists(path):
+        stored = torch.load(path, weights_only=True)
+        return {(int(k.split("|")[0]), k.split("|")[1], int(k.split("|")[2])): v.float().numpy() for k, v in stored.items()}
+    out = {}
+    for v, voice in enumerate(voices):
+        for word in all_words():
+            for rate in rates:
+                wav, _ = synthesize(word, voice=voice, rate=rate, sample_rate=sample_rate)
+                out[(v, word, rate)] = librosa.effects.trim(wav, top_db=35)[0].astype(np.float32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save({f"{v}|{w}|{r}": torch.from_numpy(x).half() for (v, w, r), x in out.items()}, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+def varied_utterance(sentence: str, voice: int, waves: dict, codec, rng: random.Random, rates=VARIED_RATES) -> Utterance:
+    """An utterance whose waveform is built first and encoded whole: one speaking rate per
+    sentence, pauses of random length between words and at the edges, so the same word never
+    has quite the same codes twice (as in a user's recordings), unlike `build_utterance`."""
+    from posttrain.data.user_speech import seconds_to_frames
+
+    sr = codec.sample_rate
+    rate = rng.choice(list(rates))
+    t = rng.uniform(0.05, 0.2)
+    parts, times = [np.zeros(int(t * sr), np.float32)], []
+    for i, word in enumerate(sentence_words(sentence)):
+        if i:
+            pause = rng.uniform(0.02, 0.15)
+            parts.append(np.zeros(int(pause * sr), np.float32))
+            t += len(parts[-1]) / sr
+        wav = waves[(voice, word, rate)]
+        times.append((t, t + len(wav) / sr))
+        t += len(wav) / sr
+        parts.append(wav)
+    parts.append(np.zeros(int(rng.uniform(0.05, 0.2) * sr), np.float32))
+    codes = codec.encode([np.concatenate(parts)])[0]
+    return Utterance(sentence, sentence_words(sentence), voice, codes, seconds_to_frames(times, codec.frame_rate, codes.shape[1]))
+
+
+def cached_word_clips(codec, cache_root: str, voices: list[str]) -> dict[tuple[int, str], torch.Tensor]:
+    """`encode_word_clips`, synthesised and encoded once per codec and voice set, then cached."""
     key = hashlib.sha1(json.dumps({"v": 1, "codec": codec.config.__dict__, "voices": voices}, sort_keys=True, default=str).encode()).hexdigest()[:10]
     path = os.path.join(cache_root, "speech", f"word-clips-{key}.pt")
     if os.path.exists(path):
         stored = torch.load(path, weights_only=True)
-        clips = {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in stored.items()}
+        return {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in stored.items()}
+    clips = encode_word_clips(codec, voices)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save({f"{v}|{w}": c for (v, w), c in clips.items()}, tmp)
+    os.replace(tmp, path)
+    return clips
+
+
+def embedded_corpus(codec, cache_root: str, voices: list[str], n_train: int, n_eval: int, seed: int = 0, style: str = "clips"):
+    """(train, held-out) utterances; held-out sentences never occur in training. ``style``
+    ``clips``: word clips synthesised and encoded once per codec and voice set (cached), joined
+    by a fixed pause; ``varied``: each utterance's waveform built from words at one of several
+    rates with random pauses and encoded whole (`varied_utterance`)."""
+    if style == "varied":
+        waves = word_waveforms(voices, codec.sample_rate, cache_root)
+        varied_rng = random.Random(f"varied-{seed}")
+        make = lambda s, v: varied_utterance(s, v, waves, codec, varied_rng)  # noqa: E731
     else:
-        clips = encode_word_clips(codec, voices)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save({f"{v}|{w}": c for (v, w), c in clips.items()}, tmp)
-        os.replace(tmp, path)
-    pause = silence_codes(codec, 3)
+        clips, pause = cached_word_clips(codec, cache_root, voices), silence_codes(codec, 3)
+        make = lambda s, v: build_utterance(s, v, clips, pause)  # noqa: E731
     rng = random.Random(seed)
     held_out_sentences = set()
     while len(held_out_sentences) < n_eval:
         held_out_sentences.add(make_sentence(random.Random(f"eval-{seed}-{len(held_out_sentences)}-{rng.random()}")))
-    held_out = [build_utterance(s, i % len(voices), clips, pause) for i, s in enumerate(sorted(held_out_sentences))]
+    held_out = [make(s, i % len(voices)) for i, s in enumerate(sorted(held_out_sentences))]
     train = []
     while len(train) < n_train:
         s = make_sentence(rng)
         if s in held_out_sentences:
             continue
-        train.append(build_utterance(s, rng.randrange(len(voices)), clips, pause))
+        train.append(make(s, rng.randrange(len(voices))))
     return train, held_out
 
 

@@ -46,14 +46,15 @@ def optimizer_step(loss: torch.Tensor, params, optimizer, scheduler, grad_clip: 
     fault_point("step")  # crash/resume tests: die between a step and its checkpoint
 
 
-def resolve_talker(path: str, pretrain_steps: int, seed: int = 0) -> str:
+def resolve_talker(path: str, pretrain_steps: int, seed: int = 0, style: str = "clips") -> str:
     """A Talker folder: ``path`` itself, or for ``"embedded"`` an early ``talker_pretrain``
-    checkpoint of ``pretrain_steps`` steps (built once and cached)."""
+    checkpoint of ``pretrain_steps`` steps on the embedded corpus of ``style`` (its
+    ``data.style``), built once and cached."""
     if path != "embedded":
         return path
     from recipes.talker_pretrain import embedded_checkpoint
 
-    return embedded_checkpoint(pretrain_steps, seed=seed)
+    return embedded_checkpoint(pretrain_steps, seed=seed, overrides=[] if style == "clips" else [f"data.style={style}"])
 
 
 def training_prompts(bundle, n: int, seed: int, salt: str = "prompts") -> list[tuple[str, str]]:

@@ -51,7 +51,9 @@ RECIPE = "talker_speaker_ft"
 @dataclass
 class PolicyConfig:
     path: str = option("embedded", "the base Talker folder, or 'embedded' (the talker_pretrain default, built once and cached)")
-    pretrain_steps: int = option(300, "embedded base: talker_pretrain steps", min=1)
+    pretrain_steps: int = option(1200, "embedded base: talker_pretrain steps", min=1)
+    pretrain_style: str = option("varied", "embedded base: the corpus it is pretrained on (talker_pretrain's data.style); a "
+                                 "voice learnt on the 'clips' Talker (a table of word clips) loses intelligibility", choices=["clips", "varied"])
 
 
 @dataclass
@@ -173,7 +175,7 @@ def run(cfg: Config) -> RunResult:
 
     quiet_libraries()
     torch.manual_seed(cfg.seed)
-    base_dir = resolve_talker(cfg.policy.path, cfg.policy.pretrain_steps, cfg.seed)
+    base_dir = resolve_talker(cfg.policy.path, cfg.policy.pretrain_steps, cfg.seed, cfg.policy.pretrain_style)
     bundle = load_bundle(base_dir)
     if cfg.voice.name in bundle.voices:
         raise ConfigError(f"config key 'voice.name': {cfg.voice.name!r} is already a voice of the base Talker; choose another name")

@@ -7,7 +7,10 @@ timestamps, encoded by the Talker's codec and laid out as ARIA streams at the sp
 measured on them. The Talker and its code predictor get LoRA adapters (peft; attention and
 MLP projections), and the voice a speaker token of its own (started from the closest
 existing voice); training minimises Talker loss + ``loss.code_predictor_weight`` x
-code-predictor loss at a low learning rate. The voice is saved apart from the base model
+code-predictor loss at a low learning rate, with ``loss.input_noise`` of the frames fed back
+swapped for others (so the voice learns to continue after its own mistakes). The embedded
+base is a Talker pretrained on the ``varied`` corpus (words in context at several rates):
+on the ``clips`` Talker, a table of word clips, a new voice loses its intelligibility. The voice is saved apart from the base model
 (``voice/`` in the run directory, and installed in the voice library under ``voice.name``):
 ``posttrain eval tts --talker BASE --voice NAME`` and ``load_bundle(BASE, voice=NAME)`` apply it.
 

@@ -46,6 +46,12 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return [rng.randrange(n) for _ in range(batch_size)]
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A torch generator for the random choices of step ``step`` (e.g. input noise): like
+    `batch_indices`, a function of (seed, step) only, so a resumed run repeats them."""
+    return torch.Generator().manual_seed(seed * 100003 + step)
+
+
 def logits_of(model, batch: dict[str, torch.Tensor], extra: dict | None = None) -> torch.Tensor:
     """Float logits of a causal LM (a Thinker or any text model) for a collated batch;
     ``extra`` carries further model inputs (the Thinker's audio features)."""

@@ -47,7 +47,7 @@ from posttrain.models.qwen_omni import (
 )
 from posttrain.models.tokenizer import build_embedded_tokenizer
 from posttrain.talker import TalkerBundle, speak, voice_reference_embeddings
-from posttrain.training import batch_indices, make_optimizer, make_scheduler
+from posttrain.training import batch_indices, make_optimizer, make_scheduler, step_generator
 from recipes._talker_stage import OptimConfig, optimizer_step
 
 RECIPE = "talker_pretrain"
@@ -294,7 +294,7 @@ def run(cfg: Config) -> RunResult:
     for step in bar:
         idx = batch_indices(len(train), cfg.batch_size, cfg.seed, step)
         batch = talker_stream_batch(talker, embed, [train_streams[i] for i in idx], [train[i].codes for i in idx], [train[i].voice for i in idx],
-                                    input_noise=cfg.loss.input_noise, generator=torch.Generator().manual_seed(cfg.seed * 100003 + step))
+                                    input_noise=cfg.loss.input_noise, generator=step_generator(cfg.seed, step))
         l0, l1 = talker_losses(talker, batch)
         loss = l0 + cfg.loss.code_predictor_weight * l1
         optimizer_step(loss, talker.parameters(), optimizer, scheduler, cfg.optim.grad_clip)

@@ -44,7 +44,7 @@ from posttrain.logging import Run, RunResult, format_metrics, quiet_libraries
 from posttrain.models.hub import cache_root
 from posttrain.models.qwen_omni import speaker_slots, speaker_token, talker_losses, talker_stream_batch
 from posttrain.talker import load_bundle, speak_all, voice_reference_embeddings
-from posttrain.training import batch_indices, make_scheduler
+from posttrain.training import batch_indices, make_scheduler, step_generator
 from posttrain.voices import add_lora, install_voice, merge_lora, save_voice
 from recipes._talker_stage import OptimConfig, optimizer_step, resolve_talker, split_held_out
 
@@ -260,9 +260,8 @@ def run(cfg: Config) -> RunResult:
     bar = tqdm(range(start_step, cfg.max_steps), desc=RECIPE, initial=start_step, total=cfg.max_steps, mininterval=1.0)
     for step in bar:
         idx = batch_indices(len(streams), cfg.batch_size, cfg.seed, step)
-        noise = torch.Generator().manual_seed(cfg.seed * 100003 + step)
         batch = talker_stream_batch(talker, bundle.text_embed, [streams[i] for i in idx], [speech.utterances[i].codes for i in idx], [sid] * len(idx),
-                                    input_noise=cfg.loss.input_noise, generator=noise)
+                                    input_noise=cfg.loss.input_noise, generator=step_generator(cfg.seed, step))
         l0, l1 = talker_losses(talker, batch)
         loss = l0 + cfg.loss.code_predictor_weight * l1
         optimizer_step(loss, trainable, optimizer, scheduler, cfg.optim.grad_clip)

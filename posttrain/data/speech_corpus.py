@@ -77,6 +77,19 @@ def encode_word_clips(codec, voices: list[str], rate: int = 160) -> dict[tuple[i
     return out
 
 
+def join_words(wavs: list[np.ndarray], gaps: list[float], sample_rate: int) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Word waveforms joined by silences of ``gaps`` seconds (one before the first word, one
+    between each two, one after the last); returns the waveform and each word's (start, end)
+    in seconds, counted in the samples actually written."""
+    silences = [np.zeros(int(g * sample_rate), np.float32) for g in gaps]
+    parts, times, n = [silences[0]], [], len(silences[0])
+    for wav, silence in zip(wavs, silences[1:]):
+        times.append((n / sample_rate, (n + len(wav)) / sample_rate))
+        parts += [wav.astype(np.float32), silence]
+        n += len(wav) + len(silence)
+    return np.concatenate(parts), times
+
+
 def speak_word_by_word(sentence: str, voice: str, sample_rate: int = 16000, rate: int = 160, pause_seconds: float = 0.06,
                        edge_seconds: float = 0.1) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """A sentence spoken one word at a time by espeak-ng and joined with short pauses, as the
@@ -85,20 +98,9 @@ def speak_word_by_word(sentence: str, voice: str, sample_rate: int = 16000, rate
 
     from posttrain.audio.tts import synthesize
 
-    edge = np.zeros(int(edge_seconds * sample_rate), np.float32)
-    pause = np.zeros(int(pause_seconds * sample_rate), np.float32)
-    parts, times, t = [edge], [], edge_seconds
-    for i, word in enumerate(sentence.split()):
-        if i:
-            parts.append(pause)
-            t += pause_seconds
-        wav, _ = synthesize(word, voice=voice, rate=rate, sample_rate=sample_rate)
-        wav, _ = librosa.effects.trim(wav, top_db=35)
-        times.append((t, t + len(wav) / sample_rate))
-        t += len(wav) / sample_rate
-        parts.append(wav.astype(np.float32))
-    parts.append(edge)
-    return np.concatenate(parts), times
+    wavs = [librosa.effects.trim(synthesize(word, voice=voice, rate=rate, sample_rate=sample_rate)[0], top_db=35)[0]
+            for word in sentence.split()]
+    return join_words(wavs, [edge_seconds] + [pause_seconds] * (len(wavs) - 1) + [edge_seconds], sample_rate)
 
 
 def silence_codes(codec, frames: int) -> torch.Tensor:
@@ -124,6 +126,14 @@ def build_utterance(sentence: str, voice: int, clips: dict, pause: torch.Tensor)
 VARIED_RATES = (140, 160, 180)
 
 
+def _save_cache(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """A cache file written whole or not at all (temp file, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+
+
 def word_waveforms(voices: list[str], sample_rate: int, cache_root: str, rates=VARIED_RATES) -> dict[tuple[int, str, int], np.ndarray]:
     """Waveforms of every word of the grammar spoken alone by every voice at every rate
     (silence trimmed), synthesised once and cached."""
@@ -142,10 +152,7 @@ def word_waveforms(voices: list[str], sample_rate: int, cache_root: str, rates=V
             for rate in rates:
                 wav, _ = synthesize(word, voice=voice, rate=rate, sample_rate=sample_rate)
                 out[(v, word, rate)] = librosa.effects.trim(wav, top_db=35)[0].astype(np.float32)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({f"{v}|{w}|{r}": torch.from_numpy(x).half() for (v, w, r), x in out.items()}, tmp)
-    os.replace(tmp, path)
+    _save_cache(path, {f"{v}|{w}|{r}": torch.from_numpy(x).half() for (v, w, r), x in out.items()})
     return out
 
 
@@ -155,22 +162,12 @@ def varied_utterance(sentence: str, voice: int, waves: dict, codec, rng: random.
     has quite the same codes twice (as in a user's recordings), unlike `build_utterance`."""
     from posttrain.data.user_speech import seconds_to_frames
 
-    sr = codec.sample_rate
     rate = rng.choice(list(rates))
-    t = rng.uniform(0.05, 0.2)
-    parts, times = [np.zeros(int(t * sr), np.float32)], []
-    for i, word in enumerate(sentence_words(sentence)):
-        if i:
-            pause = rng.uniform(0.02, 0.15)
-            parts.append(np.zeros(int(pause * sr), np.float32))
-            t += len(parts[-1]) / sr
-        wav = waves[(voice, word, rate)]
-        times.append((t, t + len(wav) / sr))
-        t += len(wav) / sr
-        parts.append(wav)
-    parts.append(np.zeros(int(rng.uniform(0.05, 0.2) * sr), np.float32))
-    codes = codec.encode([np.concatenate(parts)])[0]
-    return Utterance(sentence, sentence_words(sentence), voice, codes, seconds_to_frames(times, codec.frame_rate, codes.shape[1]))
+    words = sentence_words(sentence)
+    gaps = [rng.uniform(0.05, 0.2)] + [rng.uniform(0.02, 0.15) for _ in words[1:]] + [rng.uniform(0.05, 0.2)]
+    wav, times = join_words([waves[(voice, w, rate)] for w in words], gaps, codec.sample_rate)
+    codes = codec.encode([wav])[0]
+    return Utterance(sentence, words, voice, codes, seconds_to_frames(times, codec.frame_rate, codes.shape[1]))
 
 
 def cached_word_clips(codec, cache_root: str, voices: list[str]) -> dict[tuple[int, str], torch.Tensor]:
@@ -181,10 +178,7 @@ def cached_word_clips(codec, cache_root: str, voices: list[str]) -> dict[tuple[i
         stored = torch.load(path, weights_only=True)
         return {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in stored.items()}
     clips = encode_word_clips(codec, voices)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({f"{v}|{w}": c for (v, w), c in clips.items()}, tmp)
-    os.replace(tmp, path)
+    _save_cache(path, {f"{v}|{w}": c for (v, w), c in clips.items()})
     return clips
 
 

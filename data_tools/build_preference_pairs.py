@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=64, help="without --sentences: this many new sentences of the embedded grammar")
     p.add_argument("--candidates", type=int, default=4, help="candidates sampled per prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--greedy-residual-codes", action="store_true", help="the code predictor takes its most likely residual codes (candidates differ only in codebook 0, READ and EOS)")
     p.add_argument("--margin", type=float, default=0.1, help="keep a pair when best - worst reward >= margin")
     p.add_argument("--reward", action="append", default=[], metavar="NAME=WEIGHT", help="a reward and its weight (repeatable; default wer=1.0 prosody=0.5)")
     p.add_argument("--batch", type=int, default=32, help="utterances generated together")
@@ -95,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = load_bundle(args.talker)
         prompts = read_sentences(args.sentences, bundle.voices) if args.sentences else training_prompts(bundle, args.prompts, args.seed, salt="build_preference_pairs")
         engine = TalkerEngine(bundle, batch_size=args.batch)
-        pairs, stats = build_pairs(engine, rewards, prompts, args.candidates, args.temperature, args.margin, seed=args.seed)
+        pairs, stats = build_pairs(engine, rewards, prompts, args.candidates, args.temperature, args.margin, seed=args.seed,
+                                   code_temperature=0.0 if args.greedy_residual_codes else None)
         save_pairs(args.output, pairs)
         print(f"wrote {stats['pairs']} pairs from {stats['prompts']} prompts x {args.candidates} candidates to {args.output}; "
               f"mean best reward {stats['best_reward']:.3f}, worst {stats['worst_reward']:.3f}")

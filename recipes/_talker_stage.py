@@ -20,6 +20,7 @@ class TalkerPolicyConfig:
 
     path: str = option("embedded", "a Talker folder (the 'talker' folder of a talker_pretrain run) or 'embedded' (an early talker_pretrain checkpoint, built once and cached)")
     pretrain_steps: int = option(150, "embedded start: talker_pretrain steps (early and imperfect, so there is room to improve)", min=1)
+    pretrain_style: str = option("clips", "embedded start: the corpus it is pretrained on (talker_pretrain's data.style)", choices=["clips", "varied"])
     train: str = option("talker", "what trains: the Talker and its code predictor (talker) or the Talker alone (talker_only)", choices=["talker", "talker_only"])
 
     def check(self) -> None:

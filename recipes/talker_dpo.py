@@ -54,6 +54,8 @@ class PairsConfig:
     candidates: int = option(4, "candidates sampled per prompt (chosen = best, rejected = worst)", min=2)
     temperature: float = option(0.5, "sampling temperature of the candidates", min=0.01)
     margin: float = option(0.1, "keep a pair only when best - worst reward >= margin", min=0.0)
+    sample_residual_codes: bool = option(True, "sample the code predictor's codebooks 1..G-1 too; off: they are its most likely codes, so the "
+                                         "candidates of a prompt differ only in codebook 0, READ and EOS (then set dpo.code_predictor_weight=0)")
 
 
 @dataclass
@@ -88,6 +90,9 @@ class Config(RunConfig):
         if not self.rewards:
             raise ConfigError("config key 'rewards': give at least one reward plugin to rank candidates, e.g. rewards=[{name: wer}]")
         self.policy.check()
+        if not self.pairs.sample_residual_codes and self.dpo.code_predictor_weight > 0:
+            raise ConfigError("config key 'dpo.code_predictor_weight': the residual codes are not sampled (pairs.sample_residual_codes=false), "
+                              "so they are not a choice the pairs compare; set dpo.code_predictor_weight=0 or pairs.sample_residual_codes=true")
         for key in ("path", "eval_path"):
             value = getattr(self.pairs, key)
             if value and not os.path.exists(value):
@@ -136,7 +141,7 @@ def run(cfg: Config) -> RunResult:
     quiet_libraries()
     torch.manual_seed(cfg.seed)
     rewards = RewardSet(cfg.rewards)
-    talker_dir = resolve_talker(cfg.policy.path, cfg.policy.pretrain_steps, cfg.seed)
+    talker_dir = resolve_talker(cfg.policy.path, cfg.policy.pretrain_steps, cfg.seed, cfg.policy.pretrain_style)
     bundle = load_bundle(talker_dir)
     run_dir = Run(RECIPE, cfg)
     print(f"{RECIPE}: run directory {run_dir.path}; start: {talker_dir}", flush=True)
@@ -159,7 +164,8 @@ def run(cfg: Config) -> RunResult:
         train_pairs = load_pairs(os.path.join(pairs_dir, "pairs_train.jsonl"))
     else:
         prompts = training_prompts(bundle, cfg.pairs.train_prompts, cfg.seed, salt=RECIPE)
-        train_pairs, stats = build_pairs(sampler, rewards, prompts, cfg.pairs.candidates, cfg.pairs.temperature, cfg.pairs.margin, seed=cfg.seed)
+        train_pairs, stats = build_pairs(sampler, rewards, prompts, cfg.pairs.candidates, cfg.pairs.temperature, cfg.pairs.margin, seed=cfg.seed,
+                                         code_temperature=None if cfg.pairs.sample_residual_codes else 0.0)
         save_pairs(os.path.join(pairs_dir, "pairs_train.jsonl"), train_pairs)
         print(f"training pairs: {stats['pairs']} of {stats['prompts']} prompts ({stats['candidates']} candidates); "
               f"mean best reward {stats['best_reward']:.3f}, worst {stats['worst_reward']:.3f}, kept margin {stats['mean_margin']:.3f}", flush=True)
@@ -168,7 +174,8 @@ def run(cfg: Config) -> RunResult:
     elif os.path.exists(os.path.join(pairs_dir, "pairs_eval.jsonl")):
         eval_pairs = load_pairs(os.path.join(pairs_dir, "pairs_eval.jsonl"))
     else:
-        eval_pairs, stats = build_pairs(sampler, rewards, eval_prompts, cfg.pairs.candidates, cfg.pairs.temperature, cfg.pairs.margin, seed=cfg.seed + 10_000)
+        eval_pairs, stats = build_pairs(sampler, rewards, eval_prompts, cfg.pairs.candidates, cfg.pairs.temperature, cfg.pairs.margin, seed=cfg.seed + 10_000,
+                                        code_temperature=None if cfg.pairs.sample_residual_codes else 0.0)
         save_pairs(os.path.join(pairs_dir, "pairs_eval.jsonl"), eval_pairs)
         print(f"held-out pairs: {stats['pairs']} of {stats['prompts']} held-out prompts", flush=True)
     if not train_pairs:

@@ -154,7 +154,7 @@ def run(cfg: Config) -> RunResult:
     quiet_libraries()
     torch.manual_seed(cfg.seed)
     rewards = RewardSet(cfg.rewards)
-    talker_dir = resolve_talker(cfg.policy.path, cfg.policy.pretrain_steps, cfg.seed)
+    talker_dir = resolve_talker(cfg.policy.path, cfg.policy.pretrain_steps, cfg.seed, cfg.policy.pretrain_style)
     bundle = load_bundle(talker_dir)
     run_dir = Run(RECIPE, cfg)
     print(f"{RECIPE}: run directory {run_dir.path}; start: {talker_dir}", flush=True)

@@ -99,3 +99,29 @@ def test_talker_dpo_tiny_run_and_pairs_tool(tiny_talker, tmp_path):
     assert len(open(out).readlines()) == 2
     assert main(["--talker", tiny_talker, "--output", str(out), "--candidates", "1"]) == 2
     assert main(["--talker", str(tmp_path), "--output", str(out)]) == 2
+
+
+def test_pairs_with_greedy_residual_codes_differ_only_where_the_talker_chose(tiny_talker):
+    """``code_temperature=0`` reaches the sampler: every candidate's residual codes are the
+    code predictor's most likely ones, so two candidates that chose the same codebook-0 token
+    at frame 0 have the same residual codes there."""
+    from posttrain.config import RewardConfig
+    from posttrain.data.preference_pairs import build_pairs
+    from posttrain.registry import RewardSet
+    from posttrain.rollout.speech import TalkerEngine
+    from posttrain.talker import load_bundle
+
+    bundle = load_bundle(tiny_talker)
+    engine = TalkerEngine(bundle, batch_size=16)
+    seen = []
+    generate = engine.generate
+    engine.generate = lambda requests, seed=None: seen.extend(requests) or generate(requests, seed=seed)
+    rewards = RewardSet([RewardConfig("wer", 1.0, {"transform": "1-wer"})])
+    prompts = [("the cat sees a red ball", bundle.voices[0]), ("my friend likes two blue cups", bundle.voices[1])]
+    pairs, stats = build_pairs(engine, rewards, prompts, n=4, temperature=1.0, margin=0.0, seed=3, progress=False, code_temperature=0.0)
+    assert stats["candidates"] == 8 and len(pairs) == 2
+    assert [r.code_temperature for r in seen] == [0.0] * 8 and all(r.temperature == 1.0 for r in seen)
+    for p in pairs:
+        c, r = p.chosen.codes, p.rejected.codes
+        if c[0, 0] == r[0, 0]:
+            assert torch.equal(c[1:, 0], r[1:, 0])

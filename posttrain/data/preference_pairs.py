@@ -58,10 +58,12 @@ class PreferencePair:
 
 
 def build_pairs(engine, rewards, prompts: list[tuple[str, str]], n: int = 4, temperature: float = 1.0, margin: float = 0.1,
-                seed: int = 0, columns_of=None, progress: bool = True) -> tuple[list[PreferencePair], dict]:
+                seed: int = 0, columns_of=None, progress: bool = True, code_temperature: float | None = None) -> tuple[list[PreferencePair], dict]:
     """Pairs from ``n`` sampled candidates per ``(text, voice)`` prompt and statistics
     (``candidates``, ``pairs``, mean best / worst reward). ``columns_of(completions)`` may add
-    reward columns (e.g. ``reference_audio`` for speaker similarity)."""
+    reward columns (e.g. ``reference_audio`` for speaker similarity). ``code_temperature``: the
+    code predictor's (residual codebooks); ``None`` samples them at ``temperature``, 0 takes its
+    most likely codes."""
     from tqdm.auto import tqdm
 
     if n < 2:
@@ -72,7 +74,7 @@ def build_pairs(engine, rewards, prompts: list[tuple[str, str]], n: int = 4, tem
     bar = tqdm(range(0, len(prompts), chunk), desc="sampling candidates for pairs", disable=not progress, leave=False)
     for start in bar:
         group = prompts[start : start + chunk]
-        requests = [SpeechRequest(text, voice, temperature, request_id=(start + p, k)) for p, (text, voice) in enumerate(group) for k in range(n)]
+        requests = [SpeechRequest(text, voice, temperature, request_id=(start + p, k), code_temperature=code_temperature) for p, (text, voice) in enumerate(group) for k in range(n)]
         completions: list[SpeechCompletion] = engine.generate(requests, seed=seed + start)
         extra = columns_of(completions) if columns_of else {}
         combined, per = score_completions(rewards, completions, **extra)

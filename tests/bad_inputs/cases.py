@@ -94,6 +94,8 @@ CASES: list[Case] = [
          ["'rollout.tensor_parallel'", "set rollout.engine_gpus=2"]),
     Case("config/gspo-sampled-codes-outside-the-ratio", ["run", "talker_gspo", "gspo.sample_residual_codes=true"],
          ["'gspo.code_predictor_weight'", "the ratio would ignore sampled decisions", "gspo.code_predictor_weight=1"]),
+    Case("config/dpo-weights-residual-codes-it-did-not-sample", ["run", "talker_dpo", "dpo.code_predictor_weight=1"],
+         ["'dpo.code_predictor_weight'", "not a choice the pairs compare", "dpo.code_predictor_weight=0"]),
     # ------------------------------------------------------------------ data
     Case("data/missing-file", sd("data.path={tmp}/missing.jsonl"), ["missing.jsonl", "does not exist", "set data.path"]),
     Case("data/malformed-jsonl-line", sd("data.path={tmp}/d.jsonl"), ["d.jsonl, line 2: not valid JSON", "fix or remove the line"],

@@ -7,7 +7,11 @@ candidate form a pair when their reward differs by at least ``pairs.margin``. DP
 the chosen sequence's log-probability relative to a frozen reference and lowers the
 rejected one's. A sequence's log-probability is that of every decision the Talker made:
 codebook-0 tokens, READs and EOS under the ARIA masks (READs the rule forced count as
-certain) plus the code predictor's residual codebooks.
+certain) plus, weighted by ``dpo.code_predictor_weight``, the code predictor's residual
+codebooks. By default (``pairs.sample_residual_codes=false``) the candidates take the code
+predictor's most likely residual codes, so they differ only in the Talker's own decisions, and
+the residual codes stay out of the score (weight 0): sampled ones are noise there (measured:
+held-out accuracy 0.538 with them, 0.667 without, on the same pairs).
 
 Pairs are saved in the run directory (``data/pairs_train.jsonl``, ``data/pairs_eval.jsonl``;
 ``data_tools/build_preference_pairs`` makes them on their own) and can be reused with

@@ -160,6 +160,7 @@ def run(cfg: Config) -> RunResult:
 
     # 1. Pairs: sampled from the starting Talker (offline DPO), or loaded.
     pairs_dir = run_dir.file("data")
+    code_t = None if cfg.pairs.sample_residual_codes else 0.0  # the residual codes: sampled, or the code predictor's most likely
     os.makedirs(pairs_dir, exist_ok=True)
     if cfg.pairs.path:
         train_pairs = load_pairs(cfg.pairs.path, bundle.voices)
@@ -169,7 +170,7 @@ def run(cfg: Config) -> RunResult:
     else:
         prompts = training_prompts(bundle, cfg.pairs.train_prompts, cfg.seed, salt=RECIPE)
         train_pairs, stats = build_pairs(sampler, rewards, prompts, cfg.pairs.candidates, cfg.pairs.temperature, cfg.pairs.margin, seed=cfg.seed,
-                                         code_temperature=None if cfg.pairs.sample_residual_codes else 0.0)
+                                         code_temperature=code_t)
         save_pairs(os.path.join(pairs_dir, "pairs_train.jsonl"), train_pairs)
         print(f"training pairs: {stats['pairs']} of {stats['prompts']} prompts ({stats['candidates']} candidates); "
               f"mean best reward {stats['best_reward']:.3f}, worst {stats['worst_reward']:.3f}, kept margin {stats['mean_margin']:.3f}", flush=True)
@@ -179,7 +180,7 @@ def run(cfg: Config) -> RunResult:
         eval_pairs = load_pairs(os.path.join(pairs_dir, "pairs_eval.jsonl"))
     else:
         eval_pairs, stats = build_pairs(sampler, rewards, eval_prompts, cfg.pairs.candidates, cfg.pairs.temperature, cfg.pairs.margin, seed=cfg.seed + 10_000,
-                                        code_temperature=None if cfg.pairs.sample_residual_codes else 0.0)
+                                        code_temperature=code_t)
         save_pairs(os.path.join(pairs_dir, "pairs_eval.jsonl"), eval_pairs)
         print(f"held-out pairs: {stats['pairs']} of {stats['prompts']} held-out prompts", flush=True)
     if not train_pairs:
